@@ -1,0 +1,133 @@
+"""The one public entry point: `chunk_regla`."""
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from .chunk_torch import chunk_regla_torch
+from .gating import default_scale, sequence_key_max
+from .naive import naive_recurrent_regla
+
+BACKENDS = ("auto", "triton", "torch", "naive")
+
+_BACKEND_FUNCTIONS: Dict[str, Callable] = {"torch": chunk_regla_torch, "naive": naive_recurrent_regla}
+
+
+def register_backend(name: str, function: Callable) -> None:
+    """Plug an implementation (same signature as `chunk_regla_torch`) in behind `chunk_regla`."""
+    _BACKEND_FUNCTIONS[name] = function
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"chunk_regla: unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and "triton" in _BACKEND_FUNCTIONS else "torch"
+    if backend not in _BACKEND_FUNCTIONS:
+        raise NotImplementedError(
+            f"chunk_regla: the {backend!r} backend is not available in this build "
+            f"(available: {sorted(_BACKEND_FUNCTIONS)}); use backend='torch'"
+        )
+    return backend
+
+
+def _check_inputs(q, k, v, gate_logits, refine_logits, key_max, initial_state, cu_seqlens) -> int:
+    """Validate shapes and dtypes; return the number of sequences N."""
+    if q.dim() != 4:
+        raise ValueError(f"chunk_regla: q must be [B, T, H, dk], got shape {tuple(q.shape)}")
+    for name, x in (("k", k), ("gate_logits", gate_logits), ("refine_logits", refine_logits)):
+        if x.shape != q.shape:
+            raise ValueError(f"chunk_regla: {name} must have q's shape {tuple(q.shape)}, got {tuple(x.shape)}")
+    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"chunk_regla: v must be [B, T, H, dv] with q's B, T, H {tuple(q.shape[:3])}, got {tuple(v.shape)}")
+    for name, x in (("q", q), ("k", k), ("v", v), ("gate_logits", gate_logits), ("refine_logits", refine_logits)):
+        if not x.is_floating_point():
+            raise TypeError(f"chunk_regla: {name} must be a floating tensor, got {x.dtype}")
+    batch, length, heads, dk = q.shape
+    dv = v.shape[-1]
+    if dk <= 0 or dv <= 0 or heads <= 0:
+        raise ValueError(f"chunk_regla: heads, dk and dv must be positive, got H={heads}, dk={dk}, dv={dv}")
+    sequences = batch
+    if cu_seqlens is not None:
+        if batch != 1:
+            raise ValueError(f"chunk_regla: with cu_seqlens the batch must be 1 (packed), got B={batch}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError("chunk_regla: cu_seqlens must be a 1-D int32/int64 tensor [N + 1]")
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] != length or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+            raise ValueError(f"chunk_regla: cu_seqlens must rise from 0 to T={length}, got {bounds}")
+        sequences = len(bounds) - 1
+    if key_max is not None and tuple(key_max.shape) != (sequences, heads):
+        raise ValueError(f"chunk_regla: key_max must be [{sequences}, {heads}] (one per sequence and head), got {tuple(key_max.shape)}")
+    if initial_state is not None and tuple(initial_state.shape) != (sequences, heads, dk, dv):
+        raise ValueError(
+            f"chunk_regla: initial_state must be [{sequences}, {heads}, {dk}, {dv}], got {tuple(initial_state.shape)}"
+        )
+    return sequences
+
+
+def chunk_regla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate_logits: torch.Tensor,
+    refine_logits: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    key_max: Optional[torch.Tensor] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """ReGLA token mixing (REGLA_SPEC section 1), before the output norm.
+
+    Layout [B, T, H, D]. Computes phi_q, phi_k (with the sequence key max), the refined
+    log gate and the recurrence S_t = Diag(F_t) S_{t-1} + phi_k(k_t)^T v_t,
+    o_t = scale * phi_q(q_t) S_t. Differentiable w.r.t. q, k, v, both logits and
+    initial_state (key_max is a detached stabilizer).
+
+    Args:
+        q, k, gate_logits, refine_logits: [B, T, H, dk], float16/bfloat16/float32/float64.
+        v: [B, T, H, dv].
+        scale: score factor; None means alpha = 1 / (e sqrt(dk (e^2 - 1))).
+        key_max: [N, H] key stabilizer M (N = B, or the number of packed sequences);
+            None computes it from k. Pass it when k is a shard of a longer sequence.
+        initial_state: [N, H, dk, dv] state before the first token, any float dtype.
+        output_final_state: also return the state after the last token.
+        cu_seqlens: [N + 1] int offsets of packed sequences (B must be 1); one state
+            and one key max per sequence.
+        backend: "auto" (Triton for CUDA tensors when available, else "torch"),
+            "triton", "torch" (chunked PyTorch) or "naive" (token-by-token oracle).
+    Returns:
+        o: [B, T, H, dv] in q's dtype.
+        final_state: [N, H, dk, dv] float32 (float64 for float64 inputs), or None.
+    """
+    sequences = _check_inputs(q, k, v, gate_logits, refine_logits, key_max, initial_state, cu_seqlens)
+    function = _BACKEND_FUNCTIONS[_resolve_backend(backend, q.device)]
+    if scale is None:
+        scale = default_scale(q.shape[-1])
+    if cu_seqlens is not None and getattr(function, "supports_cu_seqlens", False):
+        o, state = function(q, k, v, gate_logits, refine_logits, scale, key_max, initial_state, cu_seqlens=cu_seqlens)
+    else:
+        o, state = _run_per_sequence(function, q, k, v, gate_logits, refine_logits, scale, key_max, initial_state, cu_seqlens, sequences)
+    return o.to(q.dtype), (state if output_final_state else None)
+
+
+def _run_per_sequence(function, q, k, v, gate_logits, refine_logits, scale, key_max, initial_state, cu_seqlens, sequences):
+    """Run a dense implementation once per packed sequence (or once for a plain batch)."""
+    if cu_seqlens is None:
+        if key_max is None:
+            key_max = sequence_key_max(k)
+        return function(q, k, v, gate_logits, refine_logits, scale, key_max, initial_state)
+    bounds = cu_seqlens.tolist()
+    outputs, states = [], []
+    for n in range(sequences):
+        part = slice(bounds[n], bounds[n + 1])
+        pieces = [x[:, part] for x in (q, k, v, gate_logits, refine_logits)]
+        seq_max = sequence_key_max(pieces[1]) if key_max is None else key_max[n : n + 1]
+        seq_state = None if initial_state is None else initial_state[n : n + 1]
+        o, state = function(*pieces, scale, seq_max, seq_state)
+        outputs.append(o)
+        states.append(state)
+    return torch.cat(outputs, dim=1), torch.cat(states, dim=0)
