@@ -7,16 +7,29 @@ from .chunk import BACKENDS, chunk_regla, register_backend
 from .chunk_torch import chunk_regla_torch
 from .gating import default_scale, key_feature_map, query_feature_map, refined_log_gate, sequence_key_max
 from .naive import naive_recurrent_regla
+from .decode import regla_step
+
+try:  # the Triton backend, only where Triton imports
+    from .triton_chunk import chunk_regla_triton
+except ImportError:  # pragma: no cover - CPU-only installs without triton
+    chunk_regla_triton = None
+else:
+    register_backend("triton", chunk_regla_triton)
+from .state_passing import cp_state_scan, inter_segment_output, segment_log_decay
 
 __all__ = [
     "BACKENDS",
     "chunk_regla",
     "chunk_regla_torch",
+    "cp_state_scan",
     "default_scale",
+    "inter_segment_output",
     "key_feature_map",
     "naive_recurrent_regla",
     "query_feature_map",
     "refined_log_gate",
+    "regla_step",
     "register_backend",
+    "segment_log_decay",
     "sequence_key_max",
 ]

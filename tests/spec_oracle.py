@@ -10,15 +10,10 @@ import torch
 
 
 def spec_forget_gate(z, u):
-    """F = g^2 + 2 r g (1 - g) (REGLA_SPEC 1), with 1 - g taken as sigmoid(-z) so that
-    saturated logits lose no precision to cancellation."""
+    """F = g^2 + 2 r g (1 - g) (REGLA_SPEC 1), with 1 - g taken as sigmoid(-z): a sum of
+    positive terms, so F keeps full relative precision for saturated logits."""
     g, r = torch.sigmoid(z), torch.sigmoid(u)
     return g * g + 2 * r * g * torch.sigmoid(-z)
-
-
-def spec_log_forget_gate(z, u):
-    """log F via F = g (1 + (2r - 1)(1 - g)), 2r - 1 = tanh(u / 2): accurate when F is near 1."""
-    return -torch.nn.functional.softplus(-z) + torch.log1p(torch.tanh(u / 2) * torch.sigmoid(-z))
 
 
 def spec_regla(q, k, v, z, u, initial_state=None, key_max=None, scale=None):
@@ -31,7 +26,7 @@ def spec_regla(q, k, v, z, u, initial_state=None, key_max=None, scale=None):
         key_max = k.detach().amax(dim=(1, 3))
     phi_q = torch.exp(q - q.detach().amax(dim=-1, keepdim=True))
     phi_k = torch.exp(k - key_max.detach().double()[:, None, :, None])
-    forget = torch.exp(spec_log_forget_gate(z, u))
+    forget = spec_forget_gate(z, u)
     state = torch.zeros(batch, heads, dk, v.shape[-1], dtype=torch.float64)
     if initial_state is not None:
         state = state + initial_state.double()

@@ -80,7 +80,9 @@ def test_saturated_gates_and_large_qk_stay_finite(backend, dtype, qk_scale):
     ref_out, ref_state, ref_grads = grads_of(spec_regla, [x.double() for x in inputs])
     for tensor in [out, state, *grads]:
         assert torch.isfinite(tensor).all()
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    # exp(x) has condition number |x|: fp32 feature maps of |q|, |k| ~ 3 * qk_scale carry
+    # relative error ~ 3 * qk_scale * 6e-8 before any accumulation.
+    tol = 1e-12 if dtype == torch.float64 else 1e-5 * qk_scale
     assert relative_error(out, ref_out) < tol
     assert relative_error(state, ref_state) < tol
     # Saturated logits have gradients of 1e-13 and below, which a chunked form obtains as

@@ -1,0 +1,201 @@
+"""ReGLA Triton kernels vs fla chunk_gla (fed ReGLA's log F) vs torch SDPA (FlashAttention).
+
+bf16, 65,536 tokens per call (B = 65536 / T), H = 16, d = 128, causal. Forward ms and
+forward+backward ms (median of triton.testing.do_bench), peak extra memory of one
+forward+backward (outputs and gradients included), achieved GB/s over the fewest bytes
+(inputs read once, outputs written once).
+
+    python benchmarks/bench_kernels.py [--out DIR] [--lengths 2048,4096] [--sweep]
+Writes DIR/bench_kernels.json and DIR/results_kernels.md.
+"""
+
+import argparse
+import datetime
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+import regla_kernels
+from regla_kernels import chunk_regla, refined_log_gate
+from regla_kernels import triton_chunk
+
+TOKENS, HEADS, DIM = 65536, 16, 128
+
+
+def make_inputs(batch, length, with_grad):
+    gen = torch.Generator(device="cuda").manual_seed(length)
+    r = lambda s=1.0, b=0.0: (s * torch.randn(batch, length, HEADS, DIM, generator=gen, device="cuda") + b).to(torch.bfloat16).requires_grad_(with_grad)
+    return r(), r(), r(), r(1.0, 2.0), r(), r()
+
+
+def regla_step(inputs):
+    q, k, v, z, u, _ = inputs
+    return chunk_regla(q, k, v, z, u, backend="triton")[0]
+
+
+def fla_step(inputs, log_gate):
+    from fla.ops.gla import chunk_gla
+
+    q, k, v, _, _, _ = inputs
+    return chunk_gla(q, k, v, log_gate, scale=regla_kernels.default_scale(DIM))[0]
+
+
+def sdpa_step(inputs):
+    q, k, v = (x.transpose(1, 2) for x in inputs[:3])
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def measure(step, inputs, grads_of):
+    do = torch.randn_like(step(inputs).detach())
+
+    def fwd():
+        with torch.no_grad():
+            step(inputs)
+
+    def fwd_bwd():
+        torch.autograd.grad(step(inputs), grads_of, do)
+
+    fwd_ms = do_bench(fwd, warmup=25, rep=100, return_mode="median")
+    fwd_bwd_ms = do_bench(fwd_bwd, warmup=25, rep=200, return_mode="median")
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 1e9
+    return fwd_ms, fwd_bwd_ms, peak
+
+
+def bench(lengths, methods):
+    rows = []
+    unit = TOKENS * HEADS * DIM * 2  # bytes of one bf16 [B, T, H, d] tensor
+    for length in lengths:
+        batch = TOKENS // length
+        inputs = make_inputs(batch, length, True)
+        q, k, v, z, u, _ = inputs
+        row = {"T": length, "B": batch}
+        try:
+            row["regla"] = measure(regla_step, inputs, [q, k, v, z, u]) if "regla" in methods else None
+        except Exception as error:
+            print(f"regla T={length}: {type(error).__name__}: {error}", flush=True)
+        log_gate = refined_log_gate(z.detach(), u.detach()).requires_grad_(True)
+        try:
+            if "fla" not in methods:
+                raise RuntimeError("skipped")
+            row["fla"] = measure(lambda x: fla_step(x, log_gate), inputs, [q, k, v, log_gate])
+        except Exception as error:
+            print(f"fla T={length} (fp32 log F): {type(error).__name__}: {error}; retrying with bf16 log F", flush=True)
+            log_gate = log_gate.detach().to(torch.bfloat16).requires_grad_(True)
+            try:
+                row["fla"] = measure(lambda x: fla_step(x, log_gate), inputs, [q, k, v, log_gate])
+            except Exception as error:
+                print(f"fla T={length}: {type(error).__name__}: {error}", flush=True)
+        try:
+            if "sdpa" not in methods:
+                raise RuntimeError("skipped")
+            row["sdpa"] = measure(sdpa_step, inputs, [q, k, v])
+        except Exception as error:
+            print(f"sdpa T={length}: {type(error).__name__}: {error}", flush=True)
+        if row.get("regla"):
+            row["regla_fwd_GBps"] = 6 * unit / row["regla"][0] / 1e6
+            row["regla_fwd_bwd_GBps"] = 17 * unit / row["regla"][1] / 1e6
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del inputs, q, k, v, z, u, log_gate
+        torch.cuda.empty_cache()
+    return rows
+
+
+def sweep(length=8192):
+    """fwd+bwd ms of a few launch settings at one length; keep, per setting, the best value."""
+    batch = TOKENS // length
+    inputs = make_inputs(batch, length, True)
+    base = dict(triton_chunk.LAUNCH)
+    variants = [{}, {"bwd_warps": 16}, {"bwd_warps": 4}, {"states_warps": 16}, {"states_warps": 4},
+                {"output_warps": 4}, {"output_warps": 16}]
+    out = []
+    for change in variants:
+        triton_chunk.LAUNCH.clear()
+        triton_chunk.LAUNCH.update(base, **change)
+        try:
+            fwd_ms, fwd_bwd_ms, peak = measure(regla_step, inputs, list(inputs[:5]))
+            out.append({"change": change, "fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms})
+            print(f"sweep {change}: fwd {fwd_ms:.3f} fwd+bwd {fwd_bwd_ms:.3f}", flush=True)
+        except Exception as error:
+            print(f"sweep {change}: {type(error).__name__}: {str(error)[:300]}", flush=True)
+    best = dict(base)
+    if out and out[0]["change"] == {}:
+        reference = out[0]
+        for key in ("bwd_warps", "states_warps", "output_warps"):
+            candidates = [r for r in out if key in r["change"]] + [reference]
+            metric = (lambda r: r["fwd_ms"]) if key == "output_warps" else (lambda r: r["fwd_bwd_ms"])
+            best[key] = min(candidates, key=metric)["change"].get(key, base[key])
+    triton_chunk.LAUNCH.clear()
+    triton_chunk.LAUNCH.update(best)
+    print(f"launch settings kept: {best}", flush=True)
+    return {"runs": out, "kept": best}
+
+
+def versions():
+    try:
+        import fla
+
+        fla_version = fla.__version__
+    except Exception:
+        fla_version = "absent"
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, "fla": fla_version,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def markdown(meta, rows):
+    fmt = lambda r, key: "n/a" if key not in r else f"{r[key][0]:.2f} / {r[key][1]:.2f} | {r[key][2]:.2f}"
+    lines = [
+        "# ReGLA kernel benchmark",
+        "",
+        f"{meta['device']}, {meta['date']}; torch {meta['torch']}, triton {meta['triton']}, fla {meta['fla']}.",
+        f"bf16, {TOKENS} tokens per call (B = {TOKENS}/T), H = {HEADS}, dk = dv = {DIM}, causal; median of",
+        "triton.testing.do_bench; peak = extra memory of one forward+backward (outputs and gradients included).",
+        "fla `chunk_gla` is fed ReGLA's gate precomputed as log F (fp32), the paper's setup.",
+        "",
+        "| T | B | ReGLA fwd / fwd+bwd ms | peak GB | fla chunk_gla fwd / fwd+bwd ms | peak GB | SDPA fwd / fwd+bwd ms | peak GB | fwd+bwd vs fla | vs SDPA | ReGLA GB/s fwd / fwd+bwd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = lambda key: f"{r['regla'][1] / r[key][1]:.2f}x" if "regla" in r and key in r else "n/a"
+        gbps = f"{r['regla_fwd_GBps']:.0f} / {r['regla_fwd_bwd_GBps']:.0f}" if "regla" in r else "n/a"
+        lines.append(f"| {r['T']} | {r['B']} | {fmt(r, 'regla')} | {fmt(r, 'fla')} | {fmt(r, 'sdpa')} | {ratio('fla')} | {ratio('sdpa')} | {gbps} |")
+    lines.append("")
+    lines.append("Ratios are ReGLA fwd+bwd time over the other's (lower is better).")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks"))
+    parser.add_argument("--lengths", default="2048,4096,8192,16384,32768")
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--methods", default="regla,fla,sdpa")
+    args = parser.parse_args()
+    meta = versions()
+    print(meta, flush=True)
+    result = {"meta": meta}
+    if args.sweep:
+        result["sweep"] = sweep()
+    rows = bench([int(x) for x in args.lengths.split(",")], args.methods.split(","))
+    rows = [{key: val for key, val in r.items() if val is not None} for r in rows]
+    result["rows"] = rows
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_kernels.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, "results_kernels.md"), "w") as f:
+        f.write(markdown(meta, rows))
+    print(markdown(meta, rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""GPU correctness of the Triton ReGLA kernels at real shapes, against the torch chunked
+reference on fp64-upcast inputs. Fresh random inputs per check, outputs NaN-poisoned
+before every run (REGLA_TRITON_POISON=1), saturated gates, T not a multiple of the chunk,
+packed sequences, initial state and final-state gradient.
+
+    python benchmarks/gpu_check_kernels.py            # exits 1 on any failure
+"""
+
+import os
+import sys
+import time
+
+os.environ["REGLA_TRITON_POISON"] = "1"
+
+import torch  # noqa: E402
+
+from regla_kernels import chunk_regla  # noqa: E402
+
+BOUNDS = {torch.float32: 3e-3, torch.bfloat16: 1e-2, torch.float16: 5e-3}
+NAMES = ["o", "final_state", "dq", "dk", "dv", "dgate", "drefine", "dinitial"]
+
+
+def draw(batch, length, heads, dk, dv, dtype, logit_scale, sequences, gen):
+    r = lambda *shape, s=1.0: (s * torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float32)).to(dtype)
+    q, k = r(batch, length, heads, dk), r(batch, length, heads, dk)
+    v = r(batch, length, heads, dv)
+    if logit_scale == "saturated":  # logits at +-30: gates rounded to 0 or 1 in any float
+        z = 30.0 * torch.sign(torch.randn(batch, length, heads, dk, generator=gen, device="cuda"))
+        u = 30.0 * torch.sign(torch.randn(batch, length, heads, dk, generator=gen, device="cuda"))
+        z, u = z.to(dtype), u.to(dtype)
+    else:
+        z, u = r(batch, length, heads, dk, s=logit_scale) + 2.0, r(batch, length, heads, dk, s=logit_scale)
+    h0 = torch.randn(sequences, heads, dk, dv, generator=gen, device="cuda")
+    return [q, k, v, z, u, h0]
+
+
+def run(backend, inputs, cu, weights):
+    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+    o, state = chunk_regla(*leaves[:5], initial_state=leaves[5], output_final_state=True, cu_seqlens=cu, backend=backend)
+    loss = (o.double() * weights[0]).sum() + (state.double() * weights[1]).sum()
+    loss.backward()
+    return [o.detach(), state.detach()] + [x.grad for x in leaves]
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+def check(label, batch, length, heads, dk, dv, dtype, logit_scale=1.0, seqlens=None, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    cu = None
+    sequences = batch
+    if seqlens is not None:
+        cu = torch.tensor([0] + list(torch.tensor(seqlens).cumsum(0)), device="cuda", dtype=torch.int32)
+        sequences = len(seqlens)
+    inputs = draw(batch, length, heads, dk, dv, dtype, logit_scale, sequences, gen)
+    weights = [torch.randn(batch, length, heads, dv, generator=gen, device="cuda", dtype=torch.float64),
+               torch.randn(sequences, heads, dk, dv, generator=gen, device="cuda", dtype=torch.float64)]
+    start = time.time()
+    got = run("triton", inputs, cu, weights)
+    torch.cuda.synchronize()
+    ref = run("torch", [x.double() for x in inputs], cu, weights)
+    errors = {name: rel(a, b) for name, a, b in zip(NAMES, got, ref)}
+    finite = all(bool(torch.isfinite(a).all()) for a in got)
+    bound = BOUNDS[dtype]
+    ok = finite and all(e < bound for e in errors.values())
+    text = " ".join(f"{n}={e:.1e}" for n, e in errors.items())
+    print(f"{'PASS' if ok else 'FAIL'} {label:38s} bound {bound:.0e} finite={finite} {text} ({time.time() - start:.1f}s)", flush=True)
+    return ok
+
+
+def main():
+    print(f"device {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    cases = [
+        ("fp32 B2 T1000 H4 d128", 2, 1000, 4, 128, 128, torch.float32),
+        ("bf16 B2 T1000 H4 d128", 2, 1000, 4, 128, 128, torch.bfloat16),
+        ("fp32 saturated B2 T777 H2 d128", 2, 777, 2, 128, 128, torch.float32, "saturated"),
+        ("bf16 saturated B2 T777 H2 d128", 2, 777, 2, 128, 128, torch.bfloat16, "saturated"),
+        ("bf16 wide logits B1 T2048 H2 d128", 1, 2048, 2, 128, 128, torch.bfloat16, 4.0),
+        ("bf16 dk64 dv128 B2 T300 H4", 2, 300, 4, 64, 128, torch.bfloat16),
+        ("fp32 dk128 dv64 B2 T129 H2", 2, 129, 2, 128, 64, torch.float32),
+        ("fp16 d64 B2 T200 H2", 2, 200, 2, 64, 64, torch.float16),
+        ("bf16 cu_seqlens [300,1000,77] H4 d128", 1, 1377, 4, 128, 128, torch.bfloat16, 1.0, [300, 1000, 77]),
+        ("fp32 cu_seqlens [1,64,65,500] H2 d64", 1, 630, 2, 64, 64, torch.float32, 1.0, [1, 64, 65, 500]),
+    ]
+    results = []
+    for seed, case in enumerate(cases):
+        try:
+            results.append(check(*case, seed=seed))
+        except Exception as error:  # report and go on: one broken case must not hide the others
+            cause = error
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            print(f"FAIL {case[0]}: {type(error).__name__}: {str(error)[:300]} / cause {type(cause).__name__}: {str(cause)[-600:]}", flush=True)
+            results.append(False)
+    print(f"{sum(results)}/{len(results)} checks passed", flush=True)
+    return all(results)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

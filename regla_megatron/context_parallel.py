@@ -1,0 +1,247 @@
+"""ReGLA under context parallelism: state passing over the CP group (REGLA_SPEC section 4).
+
+Each CP rank holds some segments of every sequence (Megatron's layouts, below). The
+layer output is exactly the one-process output, computed as:
+
+1. key max: all-reduce(MAX) of the local per-(batch, head) key maxima;
+2. a local `chunk_regla` pass per segment from a zero state, returning its final state
+   S_loc, and the segment's total log decay Lambda;
+3. ONE differentiable all-gather of (S_loc, Lambda) for every segment (backward: the sum
+   of the gradients over the group, i.e. a reduce-scatter);
+4. a scan over the segments in sequence order (`regla_kernels.cp_state_scan`) giving the
+   state entering each local segment, S_in;
+5. the correction `regla_kernels.inter_segment_output` added to the local output.
+
+Communication per layer and micro-batch: forward one all-gather of
+N_seg * B * H * dk * (dv + 1) fp32 values in total (N_seg = 2 CP zigzag, CP contiguous)
+plus an all-reduce of B * H fp32; backward the matching reduce-scatter. Independent of
+the sequence length.
+
+Layouts (the order of a rank's local tokens, `[B, T_local, H, d]`):
+- "zigzag": Megatron's `get_batch_on_this_cp_rank`: the sequence is cut in 2 CP equal
+  chunks and rank r holds chunk r then chunk 2 CP - 1 - r (two halves of T_local that
+  are NOT adjacent in the sequence).
+- "contiguous": rank r holds chunk r of CP equal chunks.
+"""
+
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+from regla_kernels import (
+    chunk_regla,
+    cp_state_scan,
+    default_scale,
+    inter_segment_output,
+    segment_log_decay,
+    sequence_key_max,
+)
+
+CP_LAYOUTS = ("zigzag", "contiguous")
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def check_cp_layout(layout: str) -> None:
+    """Raise ValueError unless `layout` is one of `CP_LAYOUTS`."""
+    if layout not in CP_LAYOUTS:
+        raise ValueError(f"unknown context-parallel layout {layout!r}; choose one of {CP_LAYOUTS}")
+
+
+def cp_num_segments(layout: str, cp_size: int) -> int:
+    """How many equal segments the full sequence is cut into: 2 CP (zigzag) or CP (contiguous)."""
+    check_cp_layout(layout)
+    return 2 * cp_size if layout == "zigzag" else cp_size
+
+
+def cp_segment_indices(layout: str, cp_rank: int, cp_size: int) -> List[int]:
+    """Sequence positions (segment indices) of the segments `cp_rank` holds, in local order."""
+    check_cp_layout(layout)
+    if not 0 <= cp_rank < cp_size:
+        raise ValueError(f"cp_rank {cp_rank} is outside [0, {cp_size})")
+    return [cp_rank, 2 * cp_size - 1 - cp_rank] if layout == "zigzag" else [cp_rank]
+
+
+def cp_token_positions(layout: str, cp_rank: int, cp_size: int, local_length: int, device=None) -> torch.Tensor:
+    """Global sequence position of each local token: int64 `[local_length]`."""
+    segments = cp_segment_indices(layout, cp_rank, cp_size)
+    if local_length % len(segments):
+        raise ValueError(
+            f"{layout} context parallelism needs a local sequence length divisible by {len(segments)} "
+            f"(the rank's {len(segments)} segments), got {local_length}"
+        )
+    length = local_length // len(segments)
+    return torch.cat([torch.arange(j * length, (j + 1) * length, device=device) for j in segments])
+
+
+def get_batch_cp_slice(
+    tensor: torch.Tensor, cp_rank: int, cp_size: int, layout: str = "zigzag", seq_dim: int = 1
+) -> torch.Tensor:
+    """This rank's tokens of a full-sequence tensor, cut as Megatron's `get_batch_on_this_cp_rank`
+    does for "zigzag" (and in CP plain chunks for "contiguous").
+
+    Args:
+        tensor: any shape, the full sequence along `seq_dim` (length divisible by the
+            number of segments).
+    Returns:
+        The local tensor, sequence length / CP along `seq_dim` (a new tensor).
+    """
+    segments = cp_num_segments(layout, cp_size)
+    length = tensor.shape[seq_dim]
+    if length % segments:
+        raise ValueError(
+            f"{layout} context parallelism over {cp_size} ranks needs a sequence length divisible by {segments}, got {length}"
+        )
+    part = length // segments
+    pieces = [tensor.narrow(seq_dim, j * part, part) for j in cp_segment_indices(layout, cp_rank, cp_size)]
+    return torch.cat(pieces, dim=seq_dim)
+
+
+# --------------------------------------------------------------------------- collectives
+
+
+class _AllGatherFirstDim(torch.autograd.Function):
+    """Forward: all-gather along dim 0 in rank order. Backward: reduce-scatter (the sum of
+    the gradients over the group, this rank's slice). Both exist for gloo since torch 2.3
+    (its reduce-scatter is an all-reduce + slice inside gloo)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.contiguous()
+        out = x.new_empty((dist.get_world_size(group) * x.shape[0],) + tuple(x.shape[1:]))
+        dist.all_gather_into_tensor(out, x, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        out = grad.new_empty((grad.shape[0] // dist.get_world_size(ctx.group),) + tuple(grad.shape[1:]))
+        dist.reduce_scatter_tensor(out, grad, group=ctx.group)
+        return out, None
+
+
+def all_gather_cp(x: torch.Tensor, group) -> torch.Tensor:
+    """Differentiable all-gather over `group` along dim 0: `[n, ...]` -> `[world * n, ...]`."""
+    return _AllGatherFirstDim.apply(x, group)
+
+
+def cp_key_max(k: torch.Tensor, group) -> torch.Tensor:
+    """The sequence key max M over the whole CP-sharded sequence: `[B, H]` fp32 (fp64 for fp64), detached."""
+    key_max = sequence_key_max(k).contiguous()
+    dist.all_reduce(key_max, op=dist.ReduceOp.MAX, group=group)
+    return key_max
+
+
+# --------------------------------------------------------------------------- the layer function
+
+
+def _to_segments(x: torch.Tensor, segments: int) -> torch.Tensor:
+    """[B, n L, H, D] -> [n B, L, H, D], segment-major."""
+    batch, length, heads, dim = x.shape
+    return (
+        x.reshape(batch, segments, length // segments, heads, dim)
+        .transpose(0, 1)
+        .reshape(segments * batch, -1, heads, dim)
+    )
+
+
+def _from_segments(x: torch.Tensor, segments: int) -> torch.Tensor:
+    """[n B, L, H, D] -> [B, n L, H, D]."""
+    batch = x.shape[0] // segments
+    return x.reshape(segments, batch, *x.shape[1:]).transpose(0, 1).reshape(batch, -1, *x.shape[2:])
+
+
+def context_parallel_regla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate_logits: torch.Tensor,
+    refine_logits: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    cp_group=None,
+    layout: str = "zigzag",
+    backend: str = "auto",
+    initial_state: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """`chunk_regla` over a sequence sharded across the context-parallel group.
+
+    Every rank of `cp_group` must call it with the same B, H, dk, dv and T_local.
+
+    Args:
+        q, k, gate_logits, refine_logits: [B, T_local, H, dk], this rank's tokens in
+            `layout` order (see the module docstring); any float dtype.
+        v: [B, T_local, H, dv].
+        scale: score factor; None means alpha = 1 / (e sqrt(dk (e^2 - 1))).
+        cp_group: the context-parallel process group (None or size 1: plain `chunk_regla`).
+        layout: "zigzag" (Megatron's, T_local even) or "contiguous".
+        backend: `chunk_regla` backend for the local passes.
+        initial_state: [B, H, dk, dv] state before the sequence's first token, the same
+            on every rank. Its gradient on each rank is that rank's share: the sum over
+            the CP group is the one-process gradient (as for CP-replicated parameters,
+            whose gradients Megatron sums over the DP x CP group).
+    Returns:
+        o: [B, T_local, H, dv] in q's dtype, equal to the matching tokens of the
+        one-process `chunk_regla` output (up to rounding).
+    """
+    check_cp_layout(layout)
+    if scale is None:
+        scale = default_scale(q.shape[-1])
+    cp_size = 1 if cp_group is None else dist.get_world_size(cp_group)
+    if cp_size == 1:
+        return chunk_regla(
+            q, k, v, gate_logits, refine_logits, scale=scale, initial_state=initial_state, backend=backend
+        )[0]
+    if q.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"context_parallel_regla: q and v must be [B, T_local, H, d], got {tuple(q.shape)} and {tuple(v.shape)}"
+        )
+    batch, length, heads, dk = q.shape
+    dv = v.shape[-1]
+    mine = cp_segment_indices(layout, dist.get_rank(cp_group), cp_size)
+    local = len(mine)
+    if length % local:
+        raise ValueError(
+            f"context_parallel_regla: the {layout} layout holds {local} segments per rank, so the local "
+            f"sequence length must be divisible by {local}; got T_local={length}"
+        )
+    if initial_state is not None and tuple(initial_state.shape) != (batch, heads, dk, dv):
+        raise ValueError(
+            f"context_parallel_regla: initial_state must be [{batch}, {heads}, {dk}, {dv}], got {tuple(initial_state.shape)}"
+        )
+
+    key_max = cp_key_max(k, cp_group)
+    q_s, k_s, v_s, z_s, u_s = (_to_segments(x, local) for x in (q, k, v, gate_logits, refine_logits))
+    out, states = chunk_regla(
+        q_s, k_s, v_s, z_s, u_s, scale=scale, key_max=key_max.repeat(local, 1), output_final_state=True, backend=backend
+    )
+    decays = segment_log_decay(z_s, u_s).to(states.dtype)
+    summary = torch.cat([states, decays.unsqueeze(-1)], dim=-1).view(local, batch, heads, dk, dv + 1)
+
+    gathered = all_gather_cp(summary, cp_group)  # [cp_size * local, ...] in rank order
+    where = {
+        j: rank * local + slot
+        for rank in range(cp_size)
+        for slot, j in enumerate(cp_segment_indices(layout, rank, cp_size))
+    }
+    in_order = gathered[[where[j] for j in range(cp_size * local)]]
+    incoming = cp_state_scan(in_order[..., :dv], in_order[..., dv], initial_state=initial_state)
+
+    correction = inter_segment_output(q_s, z_s, u_s, incoming[mine].reshape(local * batch, heads, dk, dv), scale)
+    return _from_segments((out.to(correction.dtype) + correction).to(q.dtype), local)
+
+
+__all__ = [
+    "CP_LAYOUTS",
+    "all_gather_cp",
+    "check_cp_layout",
+    "context_parallel_regla",
+    "cp_key_max",
+    "cp_num_segments",
+    "cp_segment_indices",
+    "cp_token_positions",
+    "get_batch_cp_slice",
+]
