@@ -5,7 +5,8 @@ forward+backward ms (median of triton.testing.do_bench), peak extra memory of on
 forward+backward (outputs and gradients included), achieved GB/s over the fewest bytes
 (inputs read once, outputs written once).
 
-    python benchmarks/bench_kernels.py [--out DIR] [--lengths 2048,4096] [--sweep]
+    python benchmarks/bench_kernels.py [--out DIR] [--lengths 2048,4096] [--sweep] [--methods regla,fla,sdpa]
+                                       [--launch diag_limit=40 bwd_warps=8]
 Writes DIR/bench_kernels.json and DIR/results_kernels.md.
 """
 
@@ -180,8 +181,13 @@ def main():
     parser.add_argument("--lengths", default="2048,4096,8192,16384,32768")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--methods", default="regla,fla,sdpa")
+    parser.add_argument("--launch", nargs="*", help="KEY=VALUE overrides of regla_kernels.triton_chunk.LAUNCH")
     args = parser.parse_args()
+    for item in args.launch or []:
+        key, value = item.split("=")
+        triton_chunk.LAUNCH[key] = type(triton_chunk.LAUNCH[key])(float(value))
     meta = versions()
+    meta["launch"] = dict(triton_chunk.LAUNCH)
     print(meta, flush=True)
     result = {"meta": meta}
     if args.sweep:

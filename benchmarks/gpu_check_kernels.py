@@ -3,9 +3,10 @@ reference on fp64-upcast inputs. Fresh random inputs per check, outputs NaN-pois
 before every run (REGLA_TRITON_POISON=1), saturated gates, T not a multiple of the chunk,
 packed sequences, initial state and final-state gradient.
 
-    python benchmarks/gpu_check_kernels.py            # exits 1 on any failure
+    python benchmarks/gpu_check_kernels.py [--launch diag_limit=40 bwd_warps=8]   # exits 1 on any failure
 """
 
+import argparse
 import os
 import sys
 import time
@@ -14,7 +15,7 @@ os.environ["REGLA_TRITON_POISON"] = "1"
 
 import torch  # noqa: E402
 
-from regla_kernels import chunk_regla  # noqa: E402
+from regla_kernels import chunk_regla, triton_chunk  # noqa: E402
 
 BOUNDS = {torch.float32: 3e-3, torch.bfloat16: 1e-2, torch.float16: 5e-3}
 NAMES = ["o", "final_state", "dq", "dk", "dv", "dgate", "drefine", "dinitial"]
@@ -63,14 +64,35 @@ def check(label, batch, length, heads, dk, dv, dtype, logit_scale=1.0, seqlens=N
     errors = {name: rel(a, b) for name, a, b in zip(NAMES, got, ref)}
     finite = all(bool(torch.isfinite(a).all()) for a in got)
     bound = BOUNDS[dtype]
-    ok = finite and all(e < bound for e in errors.values())
+    if logit_scale == "saturated":
+        # F is 0 or 1 to fp64, so the true gate gradients are ~1e-13 and a relative error says
+        # nothing; the reverse-cumsum identity gives them to an absolute error set by the q.dq
+        # and k.dk terms: bound that error against the key gradient's norm instead.
+        for i, name in ((5, "dgate"), (6, "drefine")):
+            errors[name + "/|dk|"] = ((got[i].double() - ref[i].double()).norm() / ref[3].double().norm()).item()
+        checked = {n: e for n, e in errors.items() if n not in ("dgate", "drefine")}
+    else:
+        checked = errors
+    ok = finite and all(e < bound for e in checked.values())
     text = " ".join(f"{n}={e:.1e}" for n, e in errors.items())
     print(f"{'PASS' if ok else 'FAIL'} {label:38s} bound {bound:.0e} finite={finite} {text} ({time.time() - start:.1f}s)", flush=True)
     return ok
 
 
+def apply_launch(settings):
+    """KEY=VALUE overrides of triton_chunk.LAUNCH (numbers as in the dict)."""
+    for item in settings or []:
+        key, value = item.split("=")
+        if key not in triton_chunk.LAUNCH:
+            raise SystemExit(f"unknown launch setting {key!r}; have {sorted(triton_chunk.LAUNCH)}")
+        triton_chunk.LAUNCH[key] = type(triton_chunk.LAUNCH[key])(float(value))
+
+
 def main():
-    print(f"device {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--launch", nargs="*", help="KEY=VALUE overrides of regla_kernels.triton_chunk.LAUNCH")
+    apply_launch(parser.parse_args().launch)
+    print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} launch {triton_chunk.LAUNCH}", flush=True)
     cases = [
         ("fp32 B2 T1000 H4 d128", 2, 1000, 4, 128, 128, torch.float32),
         ("bf16 B2 T1000 H4 d128", 2, 1000, 4, 128, 128, torch.bfloat16),

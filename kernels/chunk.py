@@ -11,18 +11,26 @@ from .naive import naive_recurrent_regla
 BACKENDS = ("auto", "triton", "torch", "naive")
 
 _BACKEND_FUNCTIONS: Dict[str, Callable] = {"torch": chunk_regla_torch, "naive": naive_recurrent_regla}
+_AUTO_ELIGIBLE = set()
 
 
-def register_backend(name: str, function: Callable) -> None:
-    """Plug an implementation (same signature as `chunk_regla_torch`) in behind `chunk_regla`."""
+def register_backend(name: str, function: Callable, *, auto: bool = True) -> None:
+    """Plug an implementation (same signature as `chunk_regla_torch`) in behind `chunk_regla`.
+
+    auto=False keeps a registered "triton" backend out of backend="auto" (explicit use only).
+    """
     _BACKEND_FUNCTIONS[name] = function
+    if auto:
+        _AUTO_ELIGIBLE.add(name)
+    else:
+        _AUTO_ELIGIBLE.discard(name)
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"chunk_regla: unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" and "triton" in _BACKEND_FUNCTIONS else "torch"
+        backend = "triton" if device.type == "cuda" and "triton" in _AUTO_ELIGIBLE else "torch"
     if backend not in _BACKEND_FUNCTIONS:
         raise NotImplementedError(
             f"chunk_regla: the {backend!r} backend is not available in this build "

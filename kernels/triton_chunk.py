@@ -37,7 +37,19 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # Launch settings (benchmarks may override them); POISON fills every output with NaN
 # before the kernels write it, so a check sees any element they miss.
-LAUNCH = {"sub_chunk": SUB_CHUNK_SIZE, "states_warps": 8, "output_warps": 8, "bwd_warps": 8, "block_v": 64, "block_k": 64}
+LAUNCH = {
+    "sub_chunk": SUB_CHUNK_SIZE,
+    "states_warps": 8,
+    "output_warps": 8,
+    "bwd_warps": 8,
+    "block_v": 64,
+    "block_k": 64,
+    # Diagonal sub-chunk blocks: with diag_limit >= 0 they take one masked product wherever
+    # every sub-chunk's log decay is >= -diag_limit (factors within e^+-diag_limit), else the
+    # elementwise loop. -1 means elementwise always: the setting the H200 check passed with
+    # (benchmarks/NOTES_kernels.md); 40 is 1.5x faster but its backward is not yet checked there.
+    "diag_limit": -1.0,
+}
 POISON = os.environ.get("REGLA_TRITON_POISON", "0") == "1"
 
 
@@ -142,7 +154,7 @@ class _ChunkReGLATriton(torch.autograd.Function):
         chunk_fwd_output_kernel[(dv // bv, total, heads)](
             q, k, v, bw, key_max, h, o, table, cu, scale,
             heads, DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BV=bv, DT=_dot_dtype(q.dtype),
-            num_warps=LAUNCH["output_warps"], num_stages=1,
+            DIAG_LIMIT=LAUNCH["diag_limit"], num_warps=LAUNCH["output_warps"], num_stages=1,
         )
         del h, bw
         ctx.save_for_backward(q, k, v, z, u, key_max, h0, cu, offsets, table)
@@ -175,7 +187,7 @@ class _ChunkReGLATriton(torch.autograd.Function):
         chunk_bwd_main_kernel[(total, heads)](
             q, k, v, z, u, bw, key_max, h, dh, do, dq, dk_, dv_, dz, du, table, cu, scale,
             heads, DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BV=bv, DT=dt,
-            num_warps=LAUNCH["bwd_warps"], num_stages=1,
+            DIAG_LIMIT=LAUNCH["diag_limit"], num_warps=LAUNCH["bwd_warps"], num_stages=1,
         )
         dinit = None if h0 is None else dh0.to(ctx.h0_dtype)
         return dq, dk_, dv_, dz, du, None, None, dinit, None, None, None, None

@@ -126,9 +126,14 @@ def load_cumulative_gates(bw_ptr, rows, mask, cols, C: tl.constexpr, S: tl.const
 @triton.jit
 def intra_chunk_scores(
     phi_q, phi_k, b, bw, k_ptr, bw_ptr, start, eos, head, H, key_max,
-    C: tl.constexpr, S: tl.constexpr, DK: tl.constexpr, DT: tl.constexpr,
+    C: tl.constexpr, S: tl.constexpr, DK: tl.constexpr, DT: tl.constexpr, DIAG_LIMIT: tl.constexpr,
 ):
-    """A[t, s] = sum_i phi_q[t,i] phi_k[s,i] exp(b[t,i] - b[s,i]) for s <= t in the chunk (unscaled)."""
+    """A[t, s] = sum_i phi_q[t,i] phi_k[s,i] exp(b[t,i] - b[s,i]) for s <= t in the chunk (unscaled).
+
+    Diagonal sub-chunk blocks: when every sub-chunk's total log gate is >= -DIAG_LIMIT (the
+    common case), exp(bw_t - bw_s) = exp(bw_t) * exp(-bw_s) with both factors in
+    [e^-DIAG_LIMIT, e^DIAG_LIMIT] and one masked matrix product does it; otherwise the
+    elementwise loop (exponents of differences <= 0 only)."""
     NS: tl.constexpr = C // S
     rc = tl.arange(0, C)
     cols = tl.arange(0, DK)
@@ -141,16 +146,21 @@ def intra_chunk_scores(
         k_w = tl.where(rc[:, None] < i * S, phi_k * tl.exp(tl.minimum(ref[None, :] - b, 0.0)), 0.0)
         part = tl.dot(q_w, tl.trans(k_w.to(DT)))
         A += tl.where(blk[:, None] == i, part, 0.0)
-    for j in range(S):
-        col = rc - within + j  # column of key j of this row's sub-chunk
-        src = start + col
-        smask = (src < eos) & (within >= j)
-        srow = src * H + head
-        kj = tl.load(k_ptr + srow[:, None] * DK + cols[None, :], mask=smask[:, None], other=0.0).to(tl.float32)
-        bj = tl.load(bw_ptr + srow[:, None] * DK + cols[None, :], mask=smask[:, None], other=0.0)
-        w = tl.where(smask[:, None], tl.exp(kj - key_max + tl.minimum(bw - bj, 0.0)), 0.0)
-        val = tl.sum(phi_q * w, axis=1)
-        A += tl.where(rc[None, :] == col[:, None], val[:, None], 0.0)
+    if DIAG_LIMIT >= 0 and tl.min(tl.min(bw, axis=1), axis=0) >= -DIAG_LIMIT:
+        k_f = (phi_k * tl.exp(-bw)).to(DT)
+        part = tl.dot(q_w, tl.trans(k_f))
+        A += tl.where((blk[:, None] == blk[None, :]) & (rc[:, None] >= rc[None, :]), part, 0.0)
+    else:
+        for j in range(S):
+            col = rc - within + j  # column of key j of this row's sub-chunk
+            src = start + col
+            smask = (src < eos) & (within >= j)
+            srow = src * H + head
+            kj = tl.load(k_ptr + srow[:, None] * DK + cols[None, :], mask=smask[:, None], other=0.0).to(tl.float32)
+            bj = tl.load(bw_ptr + srow[:, None] * DK + cols[None, :], mask=smask[:, None], other=0.0)
+            w = tl.where(smask[:, None], tl.exp(kj - key_max + tl.minimum(bw - bj, 0.0)), 0.0)
+            val = tl.sum(phi_q * w, axis=1)
+            A += tl.where(rc[None, :] == col[:, None], val[:, None], 0.0)
     return A
 
 
@@ -211,6 +221,7 @@ def chunk_fwd_states_kernel(
 def chunk_fwd_output_kernel(
     q_ptr, k_ptr, v_ptr, bw_ptr, kmax_ptr, h_ptr, o_ptr, table_ptr, cu_ptr, scale,
     H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+    DIAG_LIMIT: tl.constexpr,
 ):
     """o = scale * (A v + (phi_q * exp(b)) h_start) for one chunk, one head, BV value columns."""
     iv = tl.program_id(0)
@@ -227,7 +238,7 @@ def chunk_fwd_output_kernel(
     bw, b, b_end = load_cumulative_gates(bw_ptr, rows, mask, rk, C, S, DK)
     phi_q = load_query_features(q_ptr, rows, mask, DK)
     phi_k = load_key_features(k_ptr, rows, mask, key_max, rk, DK)
-    A = intra_chunk_scores(phi_q, phi_k, b, bw, k_ptr, bw_ptr, start, eos, head, H, key_max, C, S, DK, DT)
+    A = intra_chunk_scores(phi_q, phi_k, b, bw, k_ptr, bw_ptr, start, eos, head, H, key_max, C, S, DK, DT, DIAG_LIMIT)
     v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
     h = tl.load(h_ptr + (ic.to(tl.int64) * H + head) * DK * DV + rk[:, None] * DV + rv[None, :]).to(DT)
     o = tl.dot(A.to(DT), v) + tl.dot((phi_q * tl.exp(b)).to(DT), h)
@@ -276,6 +287,7 @@ def chunk_bwd_main_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, u_ptr, bw_ptr, kmax_ptr, h_ptr, dh_ptr, do_ptr,
     dq_ptr, dk_ptr, dv_ptr, dz_ptr, du_ptr, table_ptr, cu_ptr, scale,
     H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+    DIAG_LIMIT: tl.constexpr,
 ):
     """All input gradients of one chunk and head, from h (state at the chunk start) and dh
     (gradient at the chunk end). The gate gradient uses the reverse-cumsum identity
@@ -296,7 +308,7 @@ def chunk_bwd_main_kernel(
     bw, b, b_end = load_cumulative_gates(bw_ptr, rows, mask, rk, C, S, DK)
     phi_q = load_query_features(q_ptr, rows, mask, DK)
     phi_k = load_key_features(k_ptr, rows, mask, key_max, rk, DK)
-    A = intra_chunk_scores(phi_q, phi_k, b, bw, k_ptr, bw_ptr, start, eos, head, H, key_max, C, S, DK, DT)
+    A = intra_chunk_scores(phi_q, phi_k, b, bw, k_ptr, bw_ptr, start, eos, head, H, key_max, C, S, DK, DT, DIAG_LIMIT)
     At = tl.trans((A * scale).to(DT))
     state_base = (ic.to(tl.int64) * H + head) * DK * DV
 
@@ -325,15 +337,20 @@ def chunk_bwd_main_kernel(
         part = tl.dot(dA_dt, k_w.to(DT))
         dq_off += tl.where(blk[:, None] == i, part, 0.0)
     dQ = dq_off * tl.exp(bw) + dq_state * tl.exp(b) * scale
-    for j in range(S):
-        col = rc - within + j
-        src = start + col
-        smask = (src < eos) & (within >= j)
-        srow = src * H + head
-        kj = tl.load(k_ptr + srow[:, None] * DK + cols, mask=smask[:, None], other=0.0).to(tl.float32)
-        bj = tl.load(bw_ptr + srow[:, None] * DK + cols, mask=smask[:, None], other=0.0)
-        dAj = tl.sum(tl.where(rc[None, :] == col[:, None], dA, 0.0), axis=1)
-        dQ += tl.where(smask[:, None], dAj[:, None] * tl.exp(kj - key_max + tl.minimum(bw - bj, 0.0)), 0.0)
+    factorized = tl.min(tl.min(bw, axis=1), axis=0) >= -DIAG_LIMIT  # as in intra_chunk_scores
+    if DIAG_LIMIT >= 0 and factorized:
+        dA_diag = tl.where(blk[:, None] == blk[None, :], dA, 0.0).to(DT)
+        dQ += tl.dot(dA_diag, (phi_k * tl.exp(-bw)).to(DT)) * tl.exp(bw)
+    else:
+        for jd in range(S):
+            col = rc - within + jd
+            src = start + col
+            smask = (src < eos) & (within >= jd)
+            srow = src * H + head
+            kj = tl.load(k_ptr + srow[:, None] * DK + cols, mask=smask[:, None], other=0.0).to(tl.float32)
+            bj = tl.load(bw_ptr + srow[:, None] * DK + cols, mask=smask[:, None], other=0.0)
+            dAj = tl.sum(tl.where(rc[None, :] == col[:, None], dA, 0.0), axis=1)
+            dQ += tl.where(smask[:, None], dAj[:, None] * tl.exp(kj - key_max + tl.minimum(bw - bj, 0.0)), 0.0)
     tl.store(dq_ptr + rows[:, None] * DK + cols, (dQ * phi_q).to(dq_ptr.dtype.element_ty), mask=mask[:, None])
     D = phi_q * dQ
 
@@ -363,16 +380,20 @@ def chunk_bwd_main_kernel(
         total = tl.min(tl.where(blk[:, None] == i, bw, 0.0), axis=0)
         sub_end += tl.where(blk[:, None] == i, total[None, :], 0.0)
     dK = dk_off * tl.exp(tl.minimum(sub_end - bw, 0.0)) + dk_state * tl.exp(tl.minimum(b_end[None, :] - b, 0.0))
-    for j in range(S):
-        row = rc - within + j  # query j of this key's sub-chunk
-        src = start + row
-        smask = (src < eos) & (within <= j)
-        srow = src * H + head
-        qj = tl.load(q_ptr + srow[:, None] * DK + cols, mask=smask[:, None], other=0.0).to(tl.float32)
-        qj = qj - tl.max(qj, axis=1)[:, None]
-        bj = tl.load(bw_ptr + srow[:, None] * DK + cols, mask=smask[:, None], other=0.0)
-        dAj = tl.sum(tl.where(rc[:, None] == row[None, :], dA, 0.0), axis=0)
-        dK += tl.where(smask[:, None], dAj[:, None] * tl.exp(qj + tl.minimum(bj - bw, 0.0)), 0.0)
+    if DIAG_LIMIT >= 0 and factorized:
+        dA_diag_t = tl.trans(tl.where(blk[:, None] == blk[None, :], dA, 0.0).to(DT))
+        dK += tl.dot(dA_diag_t, (phi_q * tl.exp(bw)).to(DT)) * tl.exp(-bw)
+    else:
+        for jd in range(S):
+            row = rc - within + jd  # query jd of this key's sub-chunk
+            src = start + row
+            smask = (src < eos) & (within <= jd)
+            srow = src * H + head
+            qj = tl.load(q_ptr + srow[:, None] * DK + cols, mask=smask[:, None], other=0.0).to(tl.float32)
+            qj = qj - tl.max(qj, axis=1)[:, None]
+            bj = tl.load(bw_ptr + srow[:, None] * DK + cols, mask=smask[:, None], other=0.0)
+            dAj = tl.sum(tl.where(rc[:, None] == row[None, :], dA, 0.0), axis=0)
+            dK += tl.where(smask[:, None], dAj[:, None] * tl.exp(qj + tl.minimum(bj - bw, 0.0)), 0.0)
     tl.store(dk_ptr + rows[:, None] * DK + cols, (dK * phi_k).to(dk_ptr.dtype.element_ty), mask=mask[:, None])
     D -= phi_k * dK
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 from typing import Any, Callable, Mapping, Optional
 
@@ -141,28 +142,28 @@ def regla_env_kwargs(environ: Optional[Mapping[str, str]] = None,
     """Returns `ReGLAConfig` keyword arguments from `REGLA_*` environment variables.
 
     `REGLA_PATTERN=R*R*`, `REGLA_NORM=layernorm`, `REGLA_OUTPUT_GATE=1`, ... (one variable per
-    `--regla-*` flag, same values). Unknown `REGLA_*` names are errors, not silently ignored,
-    so a typo cannot quietly train the wrong model.
+    `--regla-*` flag, same values). A `REGLA_*` name close to an option's (`REGLA_PATERN`)
+    is an error, so a typo cannot quietly train the wrong model; other `REGLA_*` variables
+    (the test suite's, the demo's) are not ours to judge and are left alone.
     """
     environ = os.environ if environ is None else environ
     by_env = {o.env: o for o in REGLA_OPTIONS}
     kwargs = {}
     for name, text in environ.items():
-        if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_OPTIONS:
+        if not name.startswith(ENV_PREFIX):
             continue
         opt = by_env.get(name)
         if opt is None:
-            raise ValueError(f"unknown environment variable {name}; ReGLA reads "
-                             f"{', '.join(sorted(by_env))}")
+            close = difflib.get_close_matches(name, by_env, n=1, cutoff=0.85)
+            if close:
+                raise ValueError(f"unknown environment variable {name}; did you mean {close[0]}? "
+                                 f"ReGLA reads {', '.join(sorted(by_env))}")
+            continue
         try:
             kwargs[opt.field] = opt.type(text)
         except ValueError as exc:
             raise ValueError(f"{name}={text!r}: {exc}") from None
     return _checked(kwargs, num_layers, lambda o: o.env)
-
-
-# REGLA_* variables that are not layer options (the demo's, the test harness's).
-_ENV_NOT_OPTIONS = frozenset({"REGLA_DEMO_WORKDIR", "REGLA_TEST_WORKDIR", "REGLA_SLOW"})
 
 
 def regla_config_from(config, environ: Optional[Mapping[str, str]] = None, **overrides):

@@ -64,6 +64,8 @@ def _train(args) -> int:
     validate_regla_pattern(cfg.pattern, cfg.num_layers)
     t0 = time.time()
     metrics = run_demo(cfg)
+    if metrics is None:  # a rank other than 0 under torchrun
+        return 0
     losses = list(metrics["losses"].values())
     trained = (f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps, "
                f"{metrics['tokens_per_s']:,.0f} tokens/s, " if losses else "")

@@ -93,7 +93,12 @@ class BPETokenizer:
         return cls(_import_tokenizers().Tokenizer.from_file(str(path)))
 
     def save(self, path: Path) -> None:
+        """Writes `tokenizer.json` plus the `tokenizer_config.json` that lets transformers'
+        AutoTokenizer (Megatron-LM's HuggingFaceTokenizer) load the folder offline."""
         self._tok.save(str(path))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.EOD_TOKEN,
+                  "bos_token": self.EOD_TOKEN, "unk_token": self.EOD_TOKEN}
+        (Path(path).parent / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
 
     def tokenize(self, text: str) -> list[int]:
         return self._tok.encode(text).ids

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import time
 from functools import partial
@@ -22,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from regla_megatron.launch import init_model_parallel, launch
+from regla_megatron.launch import init_model_parallel, launch, under_torchrun
 
 PRESETS = {
     # ~0.9M parameters: the loss falls from 5.6 to about 2 in a few CPU minutes.
@@ -77,26 +78,40 @@ class DemoConfig:
         return self.tp * self.cp * self.pp
 
 
-def run_demo(cfg: DemoConfig) -> dict:
+def run_demo(cfg: DemoConfig) -> Optional[dict]:
     """Prepares the corpus, trains on `cfg.world_size` ranks; returns the metrics of rank 0.
 
     The metrics (also in `<workdir>/metrics.json`): `losses` {step: loss}, `val_loss`,
-    `val_ppl`, `generated`, `tokens_per_s`, `seconds`.
+    `val_ppl`, `generated`, `tokens_per_s`, `seconds`. Under an outer torchrun every rank
+    calls this; rank 0 prepares the data, the others wait for it and return None.
     """
-    from regla_megatron.data import prepare_data
-
     work = Path(cfg.workdir)
-    work.mkdir(parents=True, exist_ok=True)
     data_dir = work / "data"
-    if not (data_dir / "corpus.idx").exists():
-        t0 = time.time()
-        prepared = prepare_data(data_dir, cfg.data, cfg.tokenizer, cfg.bpe_vocab_size, cfg.max_bytes)
-        print(f"prepared {prepared.num_documents} documents, {prepared.num_tokens:,} tokens "
-              f"({prepared.tokenizer.kind} tokenizer) in {time.time() - t0:.1f}s -> {prepared.prefix}",
-              flush=True)
+    if under_torchrun() and int(os.environ["RANK"]) != 0:
+        while not (data_dir / "prepared").exists():
+            time.sleep(1)
+        launch(worker, cfg.world_size, cfg)
+        return None
+    work.mkdir(parents=True, exist_ok=True)
+    if not (data_dir / "prepared").exists():
+        _prepare(cfg, data_dir)
+    else:
+        print(f"using the corpus prepared earlier in {data_dir} (delete it to re-prepare)", flush=True)
     (work / "metrics.json").unlink(missing_ok=True)
     launch(worker, cfg.world_size, cfg)
     return json.loads((work / "metrics.json").read_text())
+
+
+def _prepare(cfg: DemoConfig, data_dir: Path) -> None:
+    from regla_megatron.data import prepare_data
+
+    t0 = time.time()
+    shutil.rmtree(data_dir, ignore_errors=True)  # a half-written earlier attempt
+    prepared = prepare_data(data_dir, cfg.data, cfg.tokenizer, cfg.bpe_vocab_size, cfg.max_bytes)
+    (data_dir / "prepared").write_text(json.dumps({"files": cfg.data, "max_bytes": cfg.max_bytes}))
+    print(f"prepared {prepared.num_documents} documents, {prepared.num_tokens:,} tokens "
+          f"({prepared.tokenizer.kind} tokenizer) in {time.time() - t0:.1f}s -> {prepared.prefix}",
+          flush=True)
 
 
 def worker(cfg: DemoConfig) -> None:
@@ -143,7 +158,7 @@ def worker(cfg: DemoConfig) -> None:
     new_ids = generate(cfg, model, prompt_ids, cfg.gen_tokens, tokenizer.eod)
     text = tokenizer.detokenize(new_ids)
     say(f"greedy: {cfg.prompt!r} -> {text!r}")
-    metrics = dict(losses={str(k): v for k, v in losses.items()}, val_loss=val_loss,
+    metrics = dict(workdir=cfg.workdir, losses={str(k): v for k, v in losses.items()}, val_loss=val_loss,
                    val_ppl=math.exp(val_loss), generated=text, generated_ids=new_ids,
                    tokens_per_s=tokens / max(seconds, 1e-9), seconds=seconds)
     if torch.distributed.get_rank() == 0:
@@ -177,9 +192,15 @@ def model_config(cfg: DemoConfig):
 
 
 def padded_vocab(vocab_size: int, tp: int) -> int:
-    """Vocab rounded up so the embedding splits evenly over TP ranks."""
-    multiple = 8 * tp
-    return -(-vocab_size // multiple) * multiple
+    """Vocab rounded up to a multiple of 64, whatever the TP size.
+
+    The padding must not depend on TP: padded logits still enter the softmax, so a
+    checkpoint reloaded at another TP with another padding would give other losses.
+    """
+    padded = -(-vocab_size // 64) * 64
+    if padded % tp:
+        raise ValueError(f"padded vocab {padded} does not split over TP={tp}")
+    return padded
 
 
 def build_model_and_optimizer(cfg: DemoConfig, tokenizer):

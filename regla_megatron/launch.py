@@ -42,7 +42,6 @@ def _run(fn, args) -> None:
         from regla_megatron.cpu_shim import apply_cpu_shim
 
         apply_cpu_shim()
-        _shim_extra_modules()
         backend = "gloo"
     torch.distributed.init_process_group(backend, rank=rank, world_size=world_size,
                                          timeout=datetime.timedelta(minutes=10))
@@ -53,31 +52,6 @@ def _run(fn, args) -> None:
 
         parallel_state.destroy_model_parallel()
         torch.distributed.destroy_process_group()
-
-
-# Megatron modules on the demo's path that also make tensors on "cuda" (optimizer, SP
-# backward all-gather, checkpoint saving); cpu_shim does not cover them yet.
-# TODO(cpu_shim owner): add these to cpu_shim._CUDA_CALLING_MODULES and delete this.
-_EXTRA_SHIM_MODULES = (
-    "megatron.core.optimizer.optimizer",
-    "megatron.core.optimizer.clip_grads",
-    "megatron.core.tensor_parallel.layers",
-    "megatron.core.tensor_parallel.utils",
-    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
-)
-
-
-def _shim_extra_modules() -> None:
-    import importlib
-
-    from regla_megatron import cpu_shim
-
-    for name in _EXTRA_SHIM_MODULES:
-        module = importlib.import_module(name)
-        if module.torch is torch:
-            module.torch = cpu_shim._CPU_TORCH
-        elif module.torch is not cpu_shim._CPU_TORCH:
-            raise RuntimeError(f"{name}.torch is neither torch nor the CPU shim's proxy")
 
 
 def launch(fn, world_size: int, *args) -> None:

@@ -1,5 +1,14 @@
+"""The suite tests the CPU / gloo paths (and Triton under TRITON_INTERPRET in subprocesses).
+
+On a GPU machine it hides the GPUs so the same paths run there (set REGLA_TESTS_SEE_GPU=1
+to keep them visible); the GPU checks live in benchmarks/gpu_check_*.py.
+"""
+
 import os
 import sys
+
+if os.environ.get("REGLA_TESTS_SEE_GPU") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -57,8 +57,9 @@ def test_env_vars():
                             num_layers=2) == {"regla_pattern": "R*", "regla_output_gate": True}
     with pytest.raises(ValueError, match="REGLA_NORM: invalid choice 'batchnorm'"):
         regla_env_kwargs({"REGLA_NORM": "batchnorm"})
-    with pytest.raises(ValueError, match="unknown environment variable REGLA_PATERN"):
+    with pytest.raises(ValueError, match="REGLA_PATERN; did you mean REGLA_PATTERN"):
         regla_env_kwargs({"REGLA_PATERN": "R*"})
+    assert regla_env_kwargs({"REGLA_TESTS_SEE_GPU": "1"}) == {}  # not an option, not a typo
     with pytest.raises(ValueError, match="--num-layers is 3"):
         regla_env_kwargs({"REGLA_PATTERN": "R*"}, num_layers=3)
 

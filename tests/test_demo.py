@@ -31,3 +31,17 @@ def test_resume_reproduces_uninterrupted_run(runs):
     for step in ("4", "5", "6"):
         assert resumed[step] == pytest.approx(straight[step], abs=1e-6), step
     assert runs[0]["generated_ids"] == runs[1]["generated_ids"]
+
+
+def test_checkpoint_loads_at_another_layout(runs, tmp_path):
+    """The TP=2 x CP=2 checkpoint of step 6, loaded at TP=1 x PP=2, evaluates the same."""
+    import shutil
+    from pathlib import Path
+
+    saved = Path(runs[1]["workdir"])
+    shutil.copytree(saved / "data", tmp_path / "data")
+    reloaded = run_demo(DemoConfig.preset("tiny", tp=1, cp=1, pp=2, save_at=None,
+                                          load=str(saved / "checkpoint" / "step6"),
+                                          workdir=str(tmp_path)))
+    assert reloaded["losses"] == {}
+    assert reloaded["val_loss"] == pytest.approx(runs[1]["val_loss"], abs=1e-5)
