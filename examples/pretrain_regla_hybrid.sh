@@ -77,9 +77,9 @@ fi
 PARALLEL_ARGS=(
   --tensor-model-parallel-size "$TP" --context-parallel-size "$CP"
   --pipeline-model-parallel-size "$PP" ${VPP:+--num-layers-per-virtual-pipeline-stage "$VPP"}
-  $( ((TP > 1)) && echo --sequence-parallel )
   --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
 )
+if ((TP > 1)); then PARALLEL_ARGS+=(--sequence-parallel); fi
 TRAIN_ARGS=(
   --bf16 --micro-batch-size 1 --global-batch-size 256 --train-iters 50000
   --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 2000

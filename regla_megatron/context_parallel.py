@@ -24,7 +24,8 @@ Layouts (the order of a rank's local tokens, `[B, T_local, H, d]`):
 - "contiguous": rank r holds chunk r of CP equal chunks.
 """
 
-from typing import List, Optional
+import inspect
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -100,6 +101,21 @@ def get_batch_cp_slice(
 
 
 # --------------------------------------------------------------------------- collectives
+
+
+def megatron_cp_batch(batch: Dict[str, torch.Tensor], cp_group) -> Dict[str, torch.Tensor]:
+    """This CP rank's part of a batch dict, cut by Megatron's own `get_batch_on_this_cp_rank`.
+
+    Bridges its signatures: 0.16 takes `(batch, cp_group=)`; 0.19 adds a required
+    `is_hybrid_cp` and reads `batch["cu_seqlens"]` (None: plain zigzag over the sequence).
+    Tensors are `[micro_batch, seq, ...]`; returns `[micro_batch, seq / CP, ...]`.
+    """
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    if "is_hybrid_cp" not in inspect.signature(get_batch_on_this_cp_rank).parameters:
+        return get_batch_on_this_cp_rank(dict(batch), cp_group=cp_group)
+    local = get_batch_on_this_cp_rank({"cu_seqlens": None, **batch}, is_hybrid_cp=False, cp_group=cp_group)
+    return {key: local[key] for key in batch}
 
 
 class _AllGatherFirstDim(torch.autograd.Function):

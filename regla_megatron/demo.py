@@ -291,7 +291,7 @@ def get_microbatches(cfg: DemoConfig, dataset, step: int) -> list:
     [micro_batch, seq/cp] (int64, loss_mask fp32), sliced for this CP rank.
     """
     from megatron.core import parallel_state as ps
-    from megatron.core.utils import get_batch_on_this_cp_rank
+    from regla_megatron.context_parallel import megatron_cp_batch
 
     dp, dp_rank = _dp_size(), ps.get_data_parallel_rank()
     batches = []
@@ -300,7 +300,7 @@ def get_microbatches(cfg: DemoConfig, dataset, step: int) -> list:
         samples = [dataset[(first + j) % len(dataset)] for j in range(cfg.micro_batch_size)]
         batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]).to(_device())
                  for k in ("tokens", "labels", "loss_mask", "position_ids")}
-        batches.append(get_batch_on_this_cp_rank(batch, cp_group=ps.get_context_parallel_group()))
+        batches.append(megatron_cp_batch(batch, ps.get_context_parallel_group()))
     return batches
 
 

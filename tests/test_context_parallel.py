@@ -268,13 +268,11 @@ def _error_messages(rank, cp_size):
 
 def _megatron_slice_check(rank, cp_size):
     """get_batch_cp_slice('zigzag') == Megatron's get_batch_on_this_cp_rank (cp_group explicit)."""
-    from megatron.core.utils import get_batch_on_this_cp_rank
-
-    from regla_megatron.context_parallel import get_batch_cp_slice
+    from regla_megatron.context_parallel import get_batch_cp_slice, megatron_cp_batch
 
     batch = {"tokens": torch.arange(2 * 32).view(2, 32), "hidden": torch.randn(2, 32, 3, 4)}
     expected = {k: get_batch_cp_slice(v, rank, cp_size, "zigzag", seq_dim=1) for k, v in batch.items()}
-    got = get_batch_on_this_cp_rank(dict(batch), cp_group=torch.distributed.group.WORLD)
+    got = megatron_cp_batch(batch, torch.distributed.group.WORLD)
     return all(torch.equal(got[k], expected[k]) for k in batch)
 
 

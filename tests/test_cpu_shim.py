@@ -19,7 +19,8 @@ def test_idempotent_and_scoped_to_megatron():
     assert cpu_shim.apply_cpu_shim()
     for name in cpu_shim._CUDA_CALLING_MODULES:
         assert importlib.import_module(name).torch is cpu_shim._CPU_TORCH
-    with pytest.raises(AssertionError):  # torch itself is untouched
+    # torch itself is untouched: a CPU build asserts, a CUDA build with no visible GPU raises.
+    with pytest.raises((AssertionError, RuntimeError)):
         torch.cuda.current_device()
 
 
