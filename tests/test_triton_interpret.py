@@ -1,145 +1,27 @@
-"""The Triton ReGLA kernels in Triton's CPU interpreter against the fp64 naive recurrence.
+"""The Triton ReGLA kernels in Triton's CPU interpreter (cases in triton_interpret_cases.py).
 
-Triton reads TRITON_INTERPRET when the kernels are defined, so the checks run in a child
-pytest process with the variable set (test_interpreted_suite); in that child the other
-tests of this file run, and the variable never reaches the parent's other tests.
-Tiny shapes: head dims MIN_HEAD_DIM and 2 * MIN_HEAD_DIM, T not a multiple of the chunk.
-bf16 is checked on the GPU only (benchmarks/gpu_check_kernels.py): the interpreter's bf16
-emulation does not reproduce the GPU's bf16 products.
+Triton reads TRITON_INTERPRET when the kernels are defined, so the cases run in a child
+pytest process with the variable set; it never reaches this process's other tests.
 """
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
-import torch
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-child_only = pytest.mark.skipif(not INTERPRETING, reason="runs inside the TRITON_INTERPRET=1 child process")
-NAMES = ["o", "final_state", "dq", "dk", "dv", "dgate", "drefine", "dinitial"]
+CASES = os.path.join(os.path.dirname(__file__), "triton_interpret_cases.py")
 
 
-@pytest.mark.skipif(INTERPRETING, reason="the parent's driver")
-def test_interpreted_suite():
+def test_interpreted_kernels_match_fp64_reference():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", CASES],
         env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)),
     )
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-
-
-def _inputs(batch, length, heads, dk, dv, sequences=None, dtype=torch.float32, logit_scale=2.0, seed=0, saturated=False):
-    gen = torch.Generator().manual_seed(seed)
-    draw = lambda d, s=1.0: s * torch.randn(batch, length, heads, d, generator=gen, dtype=torch.float64)
-    q, k, v = draw(dk), draw(dk), draw(dv)
-    if saturated:  # logits at +-30: every gate rounds to 0 or 1
-        z, u = 30.0 * torch.sign(draw(dk)), 30.0 * torch.sign(draw(dk))
-    else:
-        z, u = draw(dk, logit_scale) + 1.0, draw(dk, logit_scale)
-    state = torch.randn(sequences or batch, heads, dk, dv, generator=gen, dtype=torch.float64)
-    return [x.to(dtype) for x in (q, k, v, z, u)] + [state.float()]
-
-
-def _run(backend, inputs, cu_seqlens=None):
-    from regla_kernels import chunk_regla
-
-    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
-    o, state = chunk_regla(*leaves[:5], initial_state=leaves[5], output_final_state=True, cu_seqlens=cu_seqlens, backend=backend)
-    gen = torch.Generator().manual_seed(99)
-    weight_o = torch.randn(o.shape, generator=gen, dtype=torch.float64)
-    weight_s = torch.randn(state.shape, generator=gen, dtype=torch.float64)
-    ((o.double() * weight_o).sum() + (state.double() * weight_s).sum()).backward()
-    return [o.detach(), state.detach()] + [x.grad for x in leaves]
-
-
-def _compare(inputs, bound, cu_seqlens=None, gate_bound=None):
-    got = _run("triton", inputs, cu_seqlens)
-    ref = _run("naive", [x.double() for x in inputs], cu_seqlens)
-    for name, a, b in zip(NAMES, got, ref):
-        assert torch.isfinite(a).all(), name
-        error = ((a.double() - b).norm() / b.norm().clamp_min(1e-300)).item()
-        if name in ("dgate", "drefine") and gate_bound is not None:
-            # saturated gates: the true gate gradients are ~1e-13 (F is 0 or 1 to fp64); the
-            # reverse-cumsum identity gives them to an absolute error of fp32 rounding of the
-            # q.dq and k.dk terms, so bound the error against the key gradient's size.
-            error = ((a.double() - b).norm() / ref[3].norm()).item()
-            assert error < gate_bound, (name, error)
-        else:
-            assert error < bound, (name, error)
-
-
-@pytest.fixture
-def launch():
-    from regla_kernels import triton_chunk
-
-    saved = dict(triton_chunk.LAUNCH)
-    yield triton_chunk
-    triton_chunk.LAUNCH.clear()
-    triton_chunk.LAUNCH.update(saved)
-
-
-@child_only
-@pytest.mark.parametrize("shape", [(2, 37, 2, 1, 1), (1, 150, 2, 2, 1)])
-def test_forward_gradients_and_states_fp32(shape, launch):
-    batch, length, heads, dk_mult, dv_mult = shape
-    d = launch.MIN_HEAD_DIM
-    _compare(_inputs(batch, length, heads, d * dk_mult, d * dv_mult), bound=2e-5)
-
-
-@child_only
-@pytest.mark.parametrize("logit_scale", [0.5, 3.0])
-def test_product_and_mixed_diagonal_blocks(logit_scale, launch):
-    """diag_limit=40: logit scale 0.5 takes the masked product in every chunk (of these
-    inputs), 3.0 mixes it with the elementwise fallback chunk by chunk."""
-    d = launch.MIN_HEAD_DIM
-    launch.LAUNCH.update(diag_limit=40.0)
-    _compare(_inputs(2, 150, 2, 2 * d, d, logit_scale=logit_scale, seed=5), bound=2e-5)
-
-
-@child_only
-def test_split_key_and_value_blocks(launch):
-    """Sequential state stages split over key and value blocks; the rest over value blocks."""
-    d = launch.MIN_HEAD_DIM
-    launch.LAUNCH.update(block_k=d, block_v=d)
-    _compare(_inputs(2, 150, 2, 2 * d, 2 * d, seed=1), bound=2e-5)
-
-
-@child_only
-def test_saturated_gates(launch):
-    d = launch.MIN_HEAD_DIM
-    _compare(_inputs(1, 150, 2, 2 * d, d, saturated=True, seed=2), bound=2e-5, gate_bound=1e-4)
-
-
-@child_only
-def test_packed_sequences(launch):
-    d = launch.MIN_HEAD_DIM
-    lengths = [37, 100, 1, 13]
-    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
-    _compare(_inputs(1, sum(lengths), 2, d, 2 * d, sequences=len(lengths), seed=3), bound=2e-5, cu_seqlens=cu)
-
-
-@child_only
-def test_fp16_inputs(launch):
-    d = launch.MIN_HEAD_DIM
-    _compare(_inputs(1, 70, 2, d, d, dtype=torch.float16, seed=4), bound=3e-3)
-
-
-@child_only
-def test_unsupported_shapes_and_dtypes_name_the_limit(launch):
-    from regla_kernels import chunk_regla
-
-    x = torch.randn(1, 8, 1, 24)
-    with pytest.raises(ValueError, match=r"dk=24 unsupported.*powers of two"):
-        chunk_regla(x, x, x, x, x, backend="triton")
-    y = torch.randn(1, 8, 1, 16, dtype=torch.float64)
-    with pytest.raises(TypeError, match="float64"):
-        chunk_regla(y, y, y, y, y, backend="triton")
-
-
-def test_auto_backend_stays_on_torch_for_cpu_tensors():
-    from regla_kernels.chunk import _resolve_backend
-
-    assert _resolve_backend("auto", torch.device("cpu")) == "torch"
+    passed = re.search(r"(\d+) passed", summary)
+    assert passed and int(passed.group(1)) >= 10 and "skipped" not in summary, summary

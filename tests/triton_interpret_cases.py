@@ -1,0 +1,126 @@
+"""Cases for the Triton kernels under TRITON_INTERPRET=1, against the fp64 naive recurrence.
+
+Not collected by itself (the name does not start with test_): tests/test_triton_interpret.py
+runs this module in a child pytest process with TRITON_INTERPRET=1, since Triton reads the
+variable when the kernels are defined. Tiny shapes: head dims MIN_HEAD_DIM and
+2 * MIN_HEAD_DIM, T not a multiple of the chunk. bf16 is checked on the GPU only
+(benchmarks/gpu_check_kernels.py): the interpreter's bf16 emulation does not reproduce the
+GPU's bf16 products.
+"""
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    raise RuntimeError("run through tests/test_triton_interpret.py (needs TRITON_INTERPRET=1 before triton loads)")
+
+NAMES = ["o", "final_state", "dq", "dk", "dv", "dgate", "drefine", "dinitial"]
+
+
+def _inputs(batch, length, heads, dk, dv, sequences=None, dtype=torch.float32, logit_scale=2.0, seed=0, saturated=False):
+    gen = torch.Generator().manual_seed(seed)
+    draw = lambda d, s=1.0: s * torch.randn(batch, length, heads, d, generator=gen, dtype=torch.float64)
+    q, k, v = draw(dk), draw(dk), draw(dv)
+    if saturated:  # logits at +-30: every gate rounds to 0 or 1
+        z, u = 30.0 * torch.sign(draw(dk)), 30.0 * torch.sign(draw(dk))
+    else:
+        z, u = draw(dk, logit_scale) + 1.0, draw(dk, logit_scale)
+    state = torch.randn(sequences or batch, heads, dk, dv, generator=gen, dtype=torch.float64)
+    return [x.to(dtype) for x in (q, k, v, z, u)] + [state.float()]
+
+
+def _run(backend, inputs, cu_seqlens=None):
+    from regla_kernels import chunk_regla
+
+    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+    o, state = chunk_regla(*leaves[:5], initial_state=leaves[5], output_final_state=True, cu_seqlens=cu_seqlens, backend=backend)
+    gen = torch.Generator().manual_seed(99)
+    weight_o = torch.randn(o.shape, generator=gen, dtype=torch.float64)
+    weight_s = torch.randn(state.shape, generator=gen, dtype=torch.float64)
+    ((o.double() * weight_o).sum() + (state.double() * weight_s).sum()).backward()
+    return [o.detach(), state.detach()] + [x.grad for x in leaves]
+
+
+def _compare(inputs, bound, cu_seqlens=None, gate_bound=None):
+    got = _run("triton", inputs, cu_seqlens)
+    ref = _run("naive", [x.double() for x in inputs], cu_seqlens)
+    for name, a, b in zip(NAMES, got, ref):
+        assert torch.isfinite(a).all(), name
+        error = ((a.double() - b).norm() / b.norm().clamp_min(1e-300)).item()
+        if name in ("dgate", "drefine") and gate_bound is not None:
+            # saturated gates: the true gate gradients are ~1e-13 (F is 0 or 1 to fp64); the
+            # reverse-cumsum identity gives them to an absolute error of fp32 rounding of the
+            # q.dq and k.dk terms, so bound the error against the key gradient's size.
+            error = ((a.double() - b).norm() / ref[3].norm()).item()
+            assert error < gate_bound, (name, error)
+        else:
+            assert error < bound, (name, error)
+
+
+@pytest.fixture
+def launch():
+    from regla_kernels import triton_chunk
+
+    saved = dict(triton_chunk.LAUNCH)
+    yield triton_chunk
+    triton_chunk.LAUNCH.clear()
+    triton_chunk.LAUNCH.update(saved)
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 2, 1, 1), (1, 150, 2, 2, 1)])
+def test_forward_gradients_and_states_fp32(shape, launch):
+    batch, length, heads, dk_mult, dv_mult = shape
+    d = launch.MIN_HEAD_DIM
+    _compare(_inputs(batch, length, heads, d * dk_mult, d * dv_mult), bound=2e-5)
+
+
+@pytest.mark.parametrize("logit_scale", [0.5, 3.0])
+def test_product_and_mixed_diagonal_blocks(logit_scale, launch):
+    """diag_limit=40: logit scale 0.5 takes the masked product in every chunk (of these
+    inputs), 3.0 mixes it with the elementwise fallback chunk by chunk."""
+    d = launch.MIN_HEAD_DIM
+    launch.LAUNCH.update(diag_limit=40.0)
+    _compare(_inputs(2, 150, 2, 2 * d, d, logit_scale=logit_scale, seed=5), bound=2e-5)
+
+
+def test_split_key_and_value_blocks(launch):
+    """Sequential state stages split over key and value blocks; the rest over value blocks."""
+    d = launch.MIN_HEAD_DIM
+    launch.LAUNCH.update(block_k=d, block_v=d)
+    _compare(_inputs(2, 150, 2, 2 * d, 2 * d, seed=1), bound=2e-5)
+
+
+def test_saturated_gates(launch):
+    d = launch.MIN_HEAD_DIM
+    _compare(_inputs(1, 150, 2, 2 * d, d, saturated=True, seed=2), bound=2e-5, gate_bound=1e-4)
+
+
+def test_packed_sequences(launch):
+    d = launch.MIN_HEAD_DIM
+    lengths = [37, 100, 1, 13]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    _compare(_inputs(1, sum(lengths), 2, d, 2 * d, sequences=len(lengths), seed=3), bound=2e-5, cu_seqlens=cu)
+
+
+def test_fp16_inputs(launch):
+    d = launch.MIN_HEAD_DIM
+    _compare(_inputs(1, 70, 2, d, d, dtype=torch.float16, seed=4), bound=3e-3)
+
+
+def test_unsupported_shapes_and_dtypes_name_the_limit(launch):
+    from regla_kernels import chunk_regla
+
+    x = torch.randn(1, 8, 1, 24)
+    with pytest.raises(ValueError, match=r"dk=24 unsupported.*powers of two"):
+        chunk_regla(x, x, x, x, x, backend="triton")
+    y = torch.randn(1, 8, 1, 16, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        chunk_regla(y, y, y, y, y, backend="triton")
+
+
+def test_auto_backend_stays_on_torch_for_cpu_tensors():
+    from regla_kernels.chunk import _resolve_backend
+
+    assert _resolve_backend("auto", torch.device("cpu")) == "torch"
