@@ -105,7 +105,8 @@ def chunk_regla(
         output_final_state: also return the state after the last token.
         cu_seqlens: [N + 1] int offsets of packed sequences (B must be 1); one state
             and one key max per sequence.
-        backend: "auto" (Triton for CUDA tensors when available, else "torch"),
+        backend: "auto" (Triton for CUDA tensors once it is registered for auto use,
+            which this release does not do yet, else "torch"),
             "triton", "torch" (chunked PyTorch) or "naive" (token-by-token oracle).
     Returns:
         o: [B, T, H, dv] in q's dtype.

@@ -62,7 +62,8 @@ def sequence_key_max(k: torch.Tensor) -> torch.Tensor:
         [B, H] in the compute dtype, detached.
     """
     dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
-    return k.detach().to(dtype).amax(dim=(1, 3))
+    # The max of low-precision values is one of them: reduce first, then upcast (no fp32 copy of k).
+    return k.detach().amax(dim=(1, 3)).to(dtype)
 
 
 def key_feature_map(k: torch.Tensor, key_max: torch.Tensor) -> torch.Tensor:
