@@ -9,11 +9,12 @@ from typing import Optional
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from .context_parallel import CP_LAYOUTS
+
 REGLA_SYMBOL = "R"
 SOFTMAX_SYMBOL = "*"
 NORM_TYPES = ("rmsnorm", "layernorm")
 KERNEL_BACKENDS = ("auto", "triton", "torch")
-CP_LAYOUTS = ("zigzag", "contiguous")
 # Limits of the Triton kernels (one head's dk x dv state tile lives in on-chip memory).
 MAX_HEAD_DIM = 256
 HEAD_DIM_K_MULTIPLE = 16
