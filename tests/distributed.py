@@ -184,6 +184,14 @@ def tiny_config(config_cls=None, **overrides):
     return config_cls(**fields)
 
 
+
+def tiny_hybrid_config(pattern: str = "R*R*", **overrides):
+    """A tiny ReGLAConfig for the hybrid `pattern` on the CPU torch path (local layers)."""
+    from regla_megatron.config import ReGLAConfig
+
+    return tiny_config(ReGLAConfig, num_layers=len(pattern), regla_pattern=pattern, regla_backend="torch",
+                       normalization="RMSNorm", transformer_impl="local", **overrides)
+
 def build_gpt(config, layer_spec, vp_stage=None, seed=0, vocab=VOCAB, seq=SEQ):
     """A GPTModel for this pipeline stage (untied embeddings, RoPE), weights by name."""
     from megatron.core import parallel_state

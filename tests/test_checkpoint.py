@@ -13,7 +13,7 @@ from distributed import (
     init_parallel,
     make_batches,
     run_distributed,
-    tiny_config,
+    tiny_hybrid_config,
 )
 
 PATTERN = "R*R*"
@@ -21,17 +21,9 @@ RTOL = 1e-5
 
 
 def _model(seed):
-    from regla_megatron.config import ReGLAConfig
     from regla_megatron.specs import get_hybrid_block_spec
 
-    config = tiny_config(
-        ReGLAConfig,
-        num_layers=len(PATTERN),
-        regla_pattern=PATTERN,
-        regla_backend="torch",
-        normalization="RMSNorm",
-        transformer_impl="local",
-    )
+    config = tiny_hybrid_config(PATTERN)
     model = build_gpt(config, get_hybrid_block_spec(config, backend="local"), seed=seed)
     return model.eval()
 

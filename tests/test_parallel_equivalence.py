@@ -22,7 +22,7 @@ from distributed import (
     rel_error,
     run_distributed,
     shard_tensor,
-    tiny_config,
+    tiny_hybrid_config,
     train_step,
     unshard_tensor,
     wrap_ddp,
@@ -68,18 +68,9 @@ def _hybrid_chunks(sequence_parallel=False):
     """Config and this rank's DDP-wrapped model chunk(s) (a list under VPP)."""
     from megatron.core import parallel_state
 
-    from regla_megatron.config import ReGLAConfig
     from regla_megatron.specs import get_hybrid_block_spec
 
-    config = tiny_config(
-        ReGLAConfig,
-        num_layers=len(PATTERN),
-        regla_pattern=PATTERN,
-        regla_backend="torch",
-        normalization="RMSNorm",
-        transformer_impl="local",
-        sequence_parallel=sequence_parallel,
-    )
+    config = tiny_hybrid_config(PATTERN, sequence_parallel=sequence_parallel)
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     stages = [None] if vpp is None else list(range(vpp))
     chunks = []
