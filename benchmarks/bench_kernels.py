@@ -6,7 +6,7 @@ forward+backward (outputs and gradients included), achieved GB/s over the fewest
 (inputs read once, outputs written once).
 
     python benchmarks/bench_kernels.py [--out DIR] [--lengths 2048,4096] [--sweep] [--methods regla,fla,sdpa]
-                                       [--launch diag_limit=40 bwd_warps=8]
+                                       [--launch fast_dqk_warps=4] [--profile]
 Writes DIR/bench_kernels.json and DIR/results_kernels.md.
 """
 
@@ -27,10 +27,13 @@ from regla_kernels import triton_chunk
 TOKENS, HEADS, DIM = 65536, 16, 128
 
 
+GATE = {"mean": 2.0, "std": 1.0}  # gate logits z ~ N(mean, std^2); refine logits u ~ N(0, 1)
+
+
 def make_inputs(batch, length, with_grad):
     gen = torch.Generator(device="cuda").manual_seed(length)
     r = lambda s=1.0, b=0.0: (s * torch.randn(batch, length, HEADS, DIM, generator=gen, device="cuda") + b).to(torch.bfloat16).requires_grad_(with_grad)
-    return r(), r(), r(), r(1.0, 2.0), r(), r()
+    return r(), r(), r(), r(GATE["std"], GATE["mean"]), r(), r()
 
 
 def regla_step(inputs):
@@ -79,7 +82,7 @@ def bench(lengths, methods):
         batch = TOKENS // length
         inputs = make_inputs(batch, length, True)
         q, k, v, z, u, _ = inputs
-        row = {"T": length, "B": batch}
+        row = {"T": length, "B": batch, "fast_chunks": triton_chunk.fast_chunk_mask(z.detach(), u.detach()).float().mean().item()}
         try:
             row["regla"] = measure(regla_step, inputs, [q, k, v, z, u]) if "regla" in methods else None
         except Exception as error:
@@ -112,15 +115,17 @@ def bench(lengths, methods):
     return rows
 
 
+SWEEP = [{"fast_output_warps": 8}, {"fast_dv_block_v": 128}, {"fast_dqk_block_k": 32}, {"fast_dqk_block_v": 32},
+         {"states_warps": 8}, {"gates_warps": 4}, {"gates_warps": 16}]
+
+
 def sweep(length=8192):
-    """fwd+bwd ms of a few launch settings at one length; keep, per setting, the best value."""
+    """fwd+bwd ms of one-key changes of the launch settings at one length; keep, per key, the best value."""
     batch = TOKENS // length
     inputs = make_inputs(batch, length, True)
     base = dict(triton_chunk.LAUNCH)
-    variants = [{}, {"bwd_warps": 16}, {"bwd_warps": 4}, {"states_warps": 16}, {"states_warps": 4},
-                {"output_warps": 4}, {"output_warps": 16}]
     out = []
-    for change in variants:
+    for change in [{}] + SWEEP:
         triton_chunk.LAUNCH.clear()
         triton_chunk.LAUNCH.update(base, **change)
         try:
@@ -132,14 +137,35 @@ def sweep(length=8192):
     best = dict(base)
     if out and out[0]["change"] == {}:
         reference = out[0]
-        for key in ("bwd_warps", "states_warps", "output_warps"):
+        for key in sorted({k for change in SWEEP for k in change}):
             candidates = [r for r in out if key in r["change"]] + [reference]
-            metric = (lambda r: r["fwd_ms"]) if key == "output_warps" else (lambda r: r["fwd_bwd_ms"])
-            best[key] = min(candidates, key=metric)["change"].get(key, base[key])
+            best[key] = min(candidates, key=lambda r: r["fwd_bwd_ms"])["change"].get(key, base[key])
     triton_chunk.LAUNCH.clear()
     triton_chunk.LAUNCH.update(best)
     print(f"launch settings kept: {best}", flush=True)
     return {"runs": out, "kept": best}
+
+
+def profile(length=8192):
+    """Device time per kernel of one forward+backward (torch profiler), longest first."""
+    batch = TOKENS // length
+    inputs = make_inputs(batch, length, True)
+    do = torch.randn_like(regla_step(inputs).detach())
+    for _ in range(3):
+        torch.autograd.grad(regla_step(inputs), list(inputs[:5]), do)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            torch.autograd.grad(regla_step(inputs), list(inputs[:5]), do)
+        torch.cuda.synchronize()
+    table = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            table[event.name] = table.get(event.name, 0.0) + event.device_time / 5 / 1000
+    rows = sorted(table.items(), key=lambda item: -item[1])
+    for name, ms in rows[:14]:
+        print(f"profile T={length}: {ms:7.3f} ms  {name[:90]}", flush=True)
+    return rows
 
 
 def versions():
@@ -181,15 +207,21 @@ def main():
     parser.add_argument("--lengths", default="2048,4096,8192,16384,32768")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--methods", default="regla,fla,sdpa")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--gate", default="2,1", help="gate logit mean,std (default 2,1)")
     parser.add_argument("--launch", nargs="*", help="KEY=VALUE overrides of regla_kernels.triton_chunk.LAUNCH")
     args = parser.parse_args()
     for item in args.launch or []:
         key, value = item.split("=")
         triton_chunk.LAUNCH[key] = type(triton_chunk.LAUNCH[key])(float(value))
+    GATE["mean"], GATE["std"] = (float(x) for x in args.gate.split(","))
     meta = versions()
+    meta["gate_logits"] = dict(GATE)
     meta["launch"] = dict(triton_chunk.LAUNCH)
     print(meta, flush=True)
     result = {"meta": meta}
+    if args.profile:
+        result["profile"] = profile()
     if args.sweep:
         result["sweep"] = sweep()
     rows = bench([int(x) for x in args.lengths.split(",")], args.methods.split(","))

@@ -57,6 +57,10 @@ def check(label, batch, length, heads, dk, dv, dtype, logit_scale=1.0, seqlens=N
     inputs = draw(batch, length, heads, dk, dv, dtype, logit_scale, sequences, gen)
     weights = [torch.randn(batch, length, heads, dv, generator=gen, device="cuda", dtype=torch.float64),
                torch.randn(sequences, heads, dk, dv, generator=gen, device="cuda", dtype=torch.float64)]
+    if seqlens is None:
+        fast = triton_chunk.fast_chunk_mask(inputs[3], inputs[4]).float().mean().item()
+    else:
+        fast = float("nan")
     start = time.time()
     got = run("triton", inputs, cu, weights)
     torch.cuda.synchronize()
@@ -75,7 +79,7 @@ def check(label, batch, length, heads, dk, dv, dtype, logit_scale=1.0, seqlens=N
         checked = errors
     ok = finite and all(e < bound for e in checked.values())
     text = " ".join(f"{n}={e:.1e}" for n, e in errors.items())
-    print(f"{'PASS' if ok else 'FAIL'} {label:38s} bound {bound:.0e} finite={finite} {text} ({time.time() - start:.1f}s)", flush=True)
+    print(f"{'PASS' if ok else 'FAIL'} {label:38s} bound {bound:.0e} finite={finite} fast={fast:.2f} {text} ({time.time() - start:.1f}s)", flush=True)
     return ok
 
 
@@ -99,6 +103,9 @@ def main():
         ("fp32 saturated B2 T777 H2 d128", 2, 777, 2, 128, 128, torch.float32, "saturated"),
         ("bf16 saturated B2 T777 H2 d128", 2, 777, 2, 128, 128, torch.bfloat16, "saturated"),
         ("bf16 wide logits B1 T2048 H2 d128", 1, 2048, 2, 128, 128, torch.bfloat16, 4.0),
+        ("bf16 logits x2 B1 T2048 H2 d128", 1, 2048, 2, 128, 128, torch.bfloat16, 2.0),
+        ("bf16 logits x2.5 B1 T4096 H2 d128", 1, 4096, 2, 128, 128, torch.bfloat16, 2.5),
+        ("bf16 B2 T8192 H4 d128", 2, 8192, 4, 128, 128, torch.bfloat16),
         ("bf16 dk64 dv128 B2 T300 H4", 2, 300, 4, 64, 128, torch.bfloat16),
         ("fp32 dk128 dv64 B2 T129 H2", 2, 129, 2, 128, 64, torch.float32),
         ("fp16 d64 B2 T200 H2", 2, 200, 2, 64, 64, torch.float16),

@@ -3,27 +3,25 @@
 Tensors in, tensors out; knows nothing about Megatron.
 """
 
-from .chunk import BACKENDS, chunk_regla, register_backend
+from .chunk import BACKENDS, chunk_regla, register_backend, resolve_backend
 from .chunk_torch import chunk_regla_torch
 from .gating import default_scale, key_feature_map, query_feature_map, refined_log_gate, sequence_key_max
 from .naive import naive_recurrent_regla
 from .decode import regla_step
 
 try:  # the Triton backend, only where Triton imports
-    from .triton_chunk import chunk_regla_triton
+    from .triton_chunk import chunk_regla_triton, triton_supports
 except ImportError:  # pragma: no cover - CPU-only installs without triton
     chunk_regla_triton = None
 else:
-    # Explicit backend="triton" only, not "auto": on the H200 check (benchmarks/NOTES_kernels.md)
-    # the gate-logit gradients miss the bf16 bound with wide or saturated gates, and the kernels
-    # are still slower than fla. Flip auto=True once gpu_check_kernels.py passes in full.
-    register_backend("triton", chunk_regla_triton, auto=False)
-from .state_passing import cp_state_scan, inter_segment_output, segment_log_decay
+    register_backend("triton", chunk_regla_triton, auto=True, supports=triton_supports)
+from .state_passing import cp_state_grad_scan, cp_state_scan, inter_segment_output, segment_log_decay
 
 __all__ = [
     "BACKENDS",
     "chunk_regla",
     "chunk_regla_torch",
+    "cp_state_grad_scan",
     "cp_state_scan",
     "default_scale",
     "inter_segment_output",
@@ -33,6 +31,7 @@ __all__ = [
     "refined_log_gate",
     "regla_step",
     "register_backend",
+    "resolve_backend",
     "segment_log_decay",
     "sequence_key_max",
 ]

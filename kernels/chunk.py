@@ -11,26 +11,30 @@ from .naive import naive_recurrent_regla
 BACKENDS = ("auto", "triton", "torch", "naive")
 
 _BACKEND_FUNCTIONS: Dict[str, Callable] = {"torch": chunk_regla_torch, "naive": naive_recurrent_regla}
-_AUTO_ELIGIBLE = set()
+_AUTO_SUPPORTS: Dict[str, Callable] = {}
 
 
-def register_backend(name: str, function: Callable, *, auto: bool = True) -> None:
+def register_backend(name: str, function: Callable, *, auto: bool = True, supports: Optional[Callable] = None) -> None:
     """Plug an implementation (same signature as `chunk_regla_torch`) in behind `chunk_regla`.
 
-    auto=False keeps a registered "triton" backend out of backend="auto" (explicit use only).
+    auto=False keeps a registered "triton" backend out of backend="auto" (explicit use only);
+    `supports(q, v) -> bool` limits auto use to the shapes and dtypes it handles.
     """
     _BACKEND_FUNCTIONS[name] = function
     if auto:
-        _AUTO_ELIGIBLE.add(name)
+        _AUTO_SUPPORTS[name] = supports or (lambda q, v: True)
     else:
-        _AUTO_ELIGIBLE.discard(name)
+        _AUTO_SUPPORTS.pop(name, None)
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
+    """The backend `chunk_regla` runs for these inputs: "auto" is Triton for CUDA tensors of a
+    shape and dtype it supports (dk, dv powers of two in [16, 128]; bf16, fp16, fp32), else torch."""
     if backend not in BACKENDS:
         raise ValueError(f"chunk_regla: unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" and "triton" in _AUTO_ELIGIBLE else "torch"
+        supports = _AUTO_SUPPORTS.get("triton")
+        backend = "triton" if q.device.type == "cuda" and supports is not None and supports(q, v) else "torch"
     if backend not in _BACKEND_FUNCTIONS:
         raise NotImplementedError(
             f"chunk_regla: the {backend!r} backend is not available in this build "
@@ -105,15 +109,14 @@ def chunk_regla(
         output_final_state: also return the state after the last token.
         cu_seqlens: [N + 1] int offsets of packed sequences (B must be 1); one state
             and one key max per sequence.
-        backend: "auto" (Triton for CUDA tensors once it is registered for auto use,
-            which this release does not do yet, else "torch"),
-            "triton", "torch" (chunked PyTorch) or "naive" (token-by-token oracle).
+        backend: "auto" (Triton for CUDA tensors it supports, see `resolve_backend`, else
+            "torch"), "triton", "torch" (chunked PyTorch) or "naive" (token-by-token oracle).
     Returns:
         o: [B, T, H, dv] in q's dtype.
         final_state: [N, H, dk, dv] float32 (float64 for float64 inputs), or None.
     """
     sequences = _check_inputs(q, k, v, gate_logits, refine_logits, key_max, initial_state, cu_seqlens)
-    function = _BACKEND_FUNCTIONS[_resolve_backend(backend, q.device)]
+    function = _BACKEND_FUNCTIONS[resolve_backend(backend, q, v)]
     if scale is None:
         scale = default_scale(q.shape[-1])
     if cu_seqlens is not None and getattr(function, "supports_cu_seqlens", False):

@@ -62,8 +62,9 @@ def sequence_key_max(k: torch.Tensor) -> torch.Tensor:
         [B, H] in the compute dtype, detached.
     """
     dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
-    # The max of low-precision values is one of them: reduce first, then upcast (no fp32 copy of k).
-    return k.detach().amax(dim=(1, 3)).to(dtype)
+    # The max of low-precision values is one of them: reduce first, then upcast (no fp32 copy of
+    # k); the feature dim first, as a contiguous reduction, is several times faster on a GPU.
+    return k.detach().amax(dim=-1).amax(dim=1).to(dtype)
 
 
 def key_feature_map(k: torch.Tensor, key_max: torch.Tensor) -> torch.Tensor:

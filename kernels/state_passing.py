@@ -13,7 +13,7 @@ start through t. Everything here is plain differentiable torch; the collectives 
 `regla_megatron.context_parallel`.
 """
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -66,6 +66,35 @@ def cp_state_scan(
         # exp(Lambda) <= 1: the recursion only ever shrinks carried state, so it is stable.
         state = decays[j] * state + states[j]
     return torch.stack(incoming, dim=0)
+
+
+def cp_state_grad_scan(incoming_grads: torch.Tensor, log_decays: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The backward of `cp_state_scan` as a reverse scan over the segments, for kernels that
+    take the state gradients explicitly.
+
+    With G_i the gradient w.r.t. S_in(i) through segment i's own outputs, the total gradient is
+    D(i) = G_i + Diag(exp(Lambda_i)) D(i + 1), D(S) = 0 (segment i's final state is S_in(i + 1)).
+
+    Args:
+        incoming_grads: G, [S, B, H, dk, dv].
+        log_decays: Lambda, [S, B, H, dk].
+    Returns:
+        (D(i + 1) for every segment i, the gradient at its end: [S, B, H, dk, dv];
+         D(0), the initial state's gradient: [B, H, dk, dv]), float32 (float64 for float64).
+    """
+    if incoming_grads.dim() != 5 or log_decays.shape != incoming_grads.shape[:4]:
+        raise ValueError(
+            f"cp_state_grad_scan: incoming_grads must be [S, B, H, dk, dv] and log_decays [S, B, H, dk], "
+            f"got {tuple(incoming_grads.shape)} and {tuple(log_decays.shape)}"
+        )
+    dtype = torch.float64 if incoming_grads.dtype == torch.float64 else torch.float32
+    grads, decays = incoming_grads.to(dtype), torch.exp(log_decays.to(dtype)).unsqueeze(-1)
+    total = torch.zeros_like(grads[0])
+    at_end = []
+    for i in reversed(range(grads.shape[0])):
+        at_end.append(total)
+        total = grads[i] + decays[i] * total
+    return torch.stack(at_end[::-1], dim=0), total
 
 
 def inter_segment_output(

@@ -1,12 +1,15 @@
 """Chunked ReGLA in Triton: forward and backward with the feature maps, the key-max
 stabilizer, the refined log gate and the scale fused into the kernels.
 
-Stages (kernels in `triton_stages.py`):
-  forward : chunk_fwd_states (sequential over chunks: state at every chunk start, final state)
-            chunk_fwd_output (parallel over chunks: intra-chunk scores + state term)
-  backward: chunk_fwd_states again (recompute the chunk-start states, cheaper than storing)
+Stages (kernels in `triton_stages.py` and `triton_fast.py`):
+  forward : chunk_gates (parallel: cumulative log gate b per chunk from the logits, and
+            one flag per chunk: whole-chunk products or sub-chunk kernels)
+            chunk_fwd_states (sequential over chunks: state at every chunk start, final state)
+            chunk_fwd_output_fast / chunk_fwd_output (parallel over chunks, by flag)
+  backward: chunk_fwd_states again (recompute the chunk-start states; b is kept)
             chunk_bwd_dstates (reverse over chunks: state gradients, initial-state gradient)
-            chunk_bwd_main (parallel over chunks: dq, dk, dv and both gate-logit gradients)
+            chunk_bwd_dv_fast + chunk_bwd_dqk_fast / chunk_bwd_main (parallel, by flag):
+            dq, dk, dv and both gate-logit gradients
 The only pass outside the kernels is the key-max reduction (one max per sequence and head).
 
 Layout [B, T, H, D] (or B = 1 with `cu_seqlens`), any T (masked, no padding copies),
@@ -21,8 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .gating import sequence_key_max
+from .gating import refined_log_gate, sequence_key_max
+from .triton_fast import chunk_bwd_dqk_fast_kernel, chunk_bwd_dv_fast_kernel, chunk_fwd_output_fast_kernel
 from .triton_stages import (
+    chunk_gates_kernel,
     chunk_bwd_dstates_kernel,
     chunk_bwd_main_kernel,
     chunk_fwd_output_kernel,
@@ -39,7 +44,9 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # before the kernels write it, so a check sees any element they miss.
 LAUNCH = {
     "sub_chunk": SUB_CHUNK_SIZE,
-    "states_warps": 8,
+    "gates_warps": 8,
+    "states_warps": 4,
+    "states_stages": 3,
     "output_warps": 8,
     "bwd_warps": 8,
     "block_v": 64,
@@ -49,6 +56,17 @@ LAUNCH = {
     # elementwise loop. -1 means elementwise always: the setting the H200 check passed with
     # (benchmarks/NOTES_kernels.md); 40 is 1.5x faster but its backward is not yet checked there.
     "diag_limit": -1.0,
+    # Chunks whose gate factors all lie in [e^-fast_limit, e^fast_limit] take the whole-chunk
+    # product kernels (triton_fast.py); the rest the sub-chunk kernels with fp32 (tf32)
+    # products. A negative value sends every chunk to the sub-chunk kernels.
+    "fast_limit": 60.0,
+    "fast_output_warps": 4,
+    "fast_output_block_v": 64,
+    "fast_dv_warps": 8,
+    "fast_dv_block_v": 64,
+    "fast_dqk_warps": 8,
+    "fast_dqk_block_k": 64,
+    "fast_dqk_block_v": 64,
 }
 POISON = os.environ.get("REGLA_TRITON_POISON", "0") == "1"
 
@@ -63,10 +81,19 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _head_dim_supported(d: int) -> bool:
+    return MIN_HEAD_DIM <= d <= MAX_HEAD_DIM and d & (d - 1) == 0
+
+
+def triton_supports(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the Triton kernels take these inputs (head dims and dtype; device aside)."""
+    return _head_dim_supported(q.shape[-1]) and _head_dim_supported(v.shape[-1]) and q.dtype in SUPPORTED_DTYPES
+
+
 def _check(q: torch.Tensor, v: torch.Tensor) -> None:
     dk, dv = q.shape[-1], v.shape[-1]
     for name, d in (("dk", dk), ("dv", dv)):
-        if d < MIN_HEAD_DIM or d > MAX_HEAD_DIM or d & (d - 1):
+        if not _head_dim_supported(d):
             raise ValueError(
                 f"chunk_regla(backend='triton'): {name}={d} unsupported; head dims must be powers of two "
                 f"in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}] (use backend='torch')"
@@ -121,76 +148,165 @@ def _block_k(dk: int) -> int:
     return min(dk, LAUNCH["block_k"])
 
 
-def _bwd_block_v(dv: int, dtype: torch.dtype) -> int:
-    """Value block of the backward main stage: 32 with fp32 product operands keeps it in shared memory."""
-    return min(dv, LAUNCH["block_v"] if dtype == torch.bfloat16 else 32)
+def _bwd_block_v(dv: int) -> int:
+    """Value block of the sub-chunk backward stage (fp32 product operands): 32 keeps it in shared memory."""
+    return min(dv, 32)
 
 
-def _fwd_states(k, v, z, u, key_max, h0, cu, offsets, total, store_final):
-    """States at every chunk start (h), the final state (fp32) and the sub-chunk cumulative gates (bw)."""
+def _fast_limit() -> float:
+    return float(LAUNCH["fast_limit"])
+
+
+def _gates(z, u, cu, table, total):
+    """b (cumulative log gate from each chunk start, fp32 [T, H, dk]), each chunk's total log
+    decay (fp32 [chunks, H, dk]) and the fast-path flags (int8 [chunks, H])."""
+    tokens, heads, dk = z.shape
+    b = _empty(tokens, heads, dk, device=z.device, dtype=torch.float32)
+    chunk_decay = _empty(total, heads, dk, device=z.device, dtype=torch.float32)
+    flags = torch.empty(total, heads, device=z.device, dtype=torch.int8)
+    chunk_gates_kernel[(total, heads)](
+        z, u, b, chunk_decay, flags, table, cu, heads, DK=dk, C=CHUNK_SIZE, BK=min(dk, 64), LIMIT=_fast_limit(),
+        num_warps=LAUNCH["gates_warps"], num_stages=1,
+    )
+    return b, chunk_decay, flags
+
+
+def _fwd_states(k, v, b, key_max, h0, cu, offsets, total, store_final):
+    """States at every chunk start (h); with store_final also the final states (fp32 [N, H, dk, dv])
+    and each sequence's total log decay (fp32 [N, H, dk])."""
     tokens, heads, dk = k.shape
     dv = v.shape[-1]
     n = cu.numel() - 1
     h = _empty(total, heads, dk, dv, device=k.device, dtype=_state_dtype(k.dtype))
     ht = _empty(n, heads, dk, dv, device=k.device, dtype=torch.float32) if store_final else h
-    bw = _empty(tokens, heads, dk, device=k.device, dtype=torch.float32)
+    lt = _empty(n, heads, dk, device=k.device, dtype=torch.float32) if store_final else h
     bv, bk = _block_v(dv), _block_k(dk)
     chunk_fwd_states_kernel[((dk // bk) * (dv // bv), n * heads)](
-        k, v, z, u, key_max, h0 if h0 is not None else h, h, ht, bw, cu, offsets,
-        heads, DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BK=bk, BV=bv, HAS_H0=h0 is not None, STORE_HT=store_final,
-        DT=_dot_dtype(k.dtype), num_warps=LAUNCH["states_warps"], num_stages=1,
+        k, v, b, key_max, h0 if h0 is not None else h, h, ht, lt, cu, offsets,
+        heads, DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=bv, HAS_H0=h0 is not None, STORE_HT=store_final,
+        DT=_dot_dtype(k.dtype), num_warps=LAUNCH["states_warps"], num_stages=LAUNCH["states_stages"],
     )
-    return h, (ht if store_final else None), bw
+    return h, (ht if store_final else None), (lt if store_final else None)
+
+
+def _carried(carry, like):
+    """Kernel arguments (state, decay, flag) of an optional (state [N, H, dk, dv] fp32, decay [chunks, H, dk] fp32)
+    pair: a state entering each sequence from outside, added to every chunk's state with the decay
+    from the sequence start (or end) to that chunk."""
+    if carry is None:
+        return like, like, False
+    state, decay = carry
+    return state.float().contiguous(), decay.float().contiguous(), True
+
+
+def _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, h_carry=None):
+    """o [T, H, dv] in q's dtype from the chunk-start states h (plus `h_carry`, see `_carried`)."""
+    tokens, heads, dk = q.shape
+    dv = v.shape[-1]
+    o = _empty(tokens, heads, dv, device=q.device, dtype=q.dtype)
+    h_add, h_decay, has_h_add = _carried(h_carry, b)
+    if _fast_limit() >= 0:
+        chunk_fwd_output_fast_kernel[(total, heads)](
+            q, k, v, b, flags, key_max, h, h_add, h_decay, o, table, cu, scale,
+            heads, DK=dk, DV=dv, C=CHUNK_SIZE, BV=min(dv, LAUNCH["fast_output_block_v"]), DT=_dot_dtype(q.dtype),
+            HAS_HADD=has_h_add, num_warps=LAUNCH["fast_output_warps"], num_stages=1,
+        )
+    bv = _block_v(dv)
+    chunk_fwd_output_kernel[(dv // bv, total, heads)](
+        q, k, v, b, flags, key_max, h, h_add, h_decay, o, table, cu, scale,
+        heads, DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BV=bv, DT=tl.float32,
+        DIAG_LIMIT=LAUNCH["diag_limit"], HAS_HADD=has_h_add, num_warps=LAUNCH["output_warps"], num_stages=1,
+    )
+    return o
+
+
+def _bwd_dstates(q, b, do, dht, cu, offsets, scale, total, dv):
+    """dh (gradient at every chunk end, h's dtype) and dh0 (at each sequence start, fp32 [N, H, dk, dv])."""
+    tokens, heads, dk = q.shape
+    n = cu.numel() - 1
+    dh = _empty(total, heads, dk, dv, device=q.device, dtype=_state_dtype(q.dtype))
+    dh0 = _empty(n, heads, dk, dv, device=q.device, dtype=torch.float32)
+    bv, bk = _block_v(dv), _block_k(dk)
+    chunk_bwd_dstates_kernel[((dk // bk) * (dv // bv), n * heads)](
+        q, b, do, dht if dht is not None else dh0, dh, dh0, cu, offsets, scale,
+        heads, DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=bv, HAS_DHT=dht is not None, DT=_dot_dtype(q.dtype),
+        num_warps=LAUNCH["states_warps"], num_stages=LAUNCH["states_stages"],
+    )
+    return dh, dh0
+
+
+def _bwd_main(q, k, v, z, u, b, flags, key_max, h, dh, do, table, cu, scale, total, h_carry=None, dh_carry=None):
+    """dq, dk, dv, dz, du (each in its input's dtype) from h and dh (plus `h_carry`, `dh_carry`, see `_carried`)."""
+    tokens, heads, dk = q.shape
+    dv = v.shape[-1]
+    dt = _dot_dtype(q.dtype)
+    h_add, h_decay, has_h_add = _carried(h_carry, b)
+    dh_add, dh_decay, has_dh_add = _carried(dh_carry, b)
+    dq, dk_, dz, du, dv_ = (_empty(*x.shape, device=x.device, dtype=x.dtype) for x in (q, k, z, u, v))
+    if _fast_limit() >= 0:
+        bv = min(dv, LAUNCH["fast_dv_block_v"])
+        chunk_bwd_dv_fast_kernel[(dv // bv, total, heads)](
+            q, k, b, flags, key_max, dh, dh_add, dh_decay, do, dv_, table, cu, scale,
+            heads, DK=dk, DV=dv, C=CHUNK_SIZE, BV=bv, DT=dt, HAS_DHADD=has_dh_add,
+            num_warps=LAUNCH["fast_dv_warps"], num_stages=1,
+        )
+        bk = min(dk, LAUNCH["fast_dqk_block_k"])
+        chunk_bwd_dqk_fast_kernel[(dk // bk, total, heads)](
+            q, k, v, z, u, b, flags, key_max, h, h_add, h_decay, dh, dh_add, dh_decay, do, dq, dk_, dz, du, table, cu, scale,
+            heads, DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=min(dv, LAUNCH["fast_dqk_block_v"]), DT=dt,
+            HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, num_warps=LAUNCH["fast_dqk_warps"], num_stages=1,
+        )
+    chunk_bwd_main_kernel[(total, heads)](
+        q, k, v, z, u, b, flags, key_max, h, h_add, h_decay, dh, dh_add, dh_decay, do, dq, dk_, dv_, dz, du, table, cu, scale,
+        heads, DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BV=_bwd_block_v(dv), DT=tl.float32,
+        DIAG_LIMIT=LAUNCH["diag_limit"], HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, num_warps=LAUNCH["bwd_warps"], num_stages=1,
+    )
+    return dq, dk_, dv_, dz, du
 
 
 class _ChunkReGLATriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total):
-        tokens, heads, dk = q.shape
-        dv = v.shape[-1]
-        h, ht, bw = _fwd_states(k, v, z, u, key_max, h0, cu, offsets, total, True)
-        o = _empty(tokens, heads, dv, device=q.device, dtype=q.dtype)
-        bv = _block_v(dv)
-        chunk_fwd_output_kernel[(dv // bv, total, heads)](
-            q, k, v, bw, key_max, h, o, table, cu, scale,
-            heads, DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BV=bv, DT=_dot_dtype(q.dtype),
-            DIAG_LIMIT=LAUNCH["diag_limit"], num_warps=LAUNCH["output_warps"], num_stages=1,
-        )
-        del h, bw
-        ctx.save_for_backward(q, k, v, z, u, key_max, h0, cu, offsets, table)
+        b, _, flags = _gates(z, u, cu, table, total)
+        h, ht, _ = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, True)
+        o = _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total)
+        del h
+        ctx.save_for_backward(q, k, v, z, u, b, flags, key_max, h0, cu, offsets, table)
         ctx.scale, ctx.total = scale, total
         ctx.h0_dtype = None if h0 is None else h0.dtype
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, z, u, key_max, h0, cu, offsets, table = ctx.saved_tensors
+        q, k, v, z, u, b, flags, key_max, h0, cu, offsets, table = ctx.saved_tensors
         scale, total = ctx.scale, ctx.total
-        tokens, heads, dk = q.shape
-        dv = v.shape[-1]
-        n = cu.numel() - 1
         do = do.contiguous()
-        dt = _dot_dtype(q.dtype)
-        h, _, bw = _fwd_states(k, v, z, u, key_max, h0, cu, offsets, total, False)
-        dh = _empty(*h.shape, device=q.device, dtype=h.dtype)
-        dh0 = _empty(n, heads, dk, dv, device=q.device, dtype=torch.float32)
-        if dht is not None:
-            dht = dht.float().contiguous()
-        bv, bk = _block_v(dv), _block_k(dk)
-        chunk_bwd_dstates_kernel[((dk // bk) * (dv // bv), n * heads)](
-            q, bw, do, dht if dht is not None else dh0, dh, dh0, cu, offsets, scale,
-            heads, DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BK=bk, BV=bv, HAS_DHT=dht is not None, DT=dt,
-            num_warps=LAUNCH["states_warps"], num_stages=1,
-        )
-        bv = _bwd_block_v(dv, q.dtype)
-        dq, dk_, dz, du, dv_ = (_empty(*x.shape, device=x.device, dtype=x.dtype) for x in (q, k, z, u, v))
-        chunk_bwd_main_kernel[(total, heads)](
-            q, k, v, z, u, bw, key_max, h, dh, do, dq, dk_, dv_, dz, du, table, cu, scale,
-            heads, DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BV=bv, DT=dt,
-            DIAG_LIMIT=LAUNCH["diag_limit"], num_warps=LAUNCH["bwd_warps"], num_stages=1,
-        )
+        dht = None if dht is None else dht.float().contiguous()
+        h, _, _ = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, False)
+        dh, dh0 = _bwd_dstates(q, b, do, dht, cu, offsets, scale, total, v.shape[-1])
+        grads = _bwd_main(q, k, v, z, u, b, flags, key_max, h, dh, do, table, cu, scale, total)
         dinit = None if h0 is None else dh0.to(ctx.h0_dtype)
-        return dq, dk_, dv_, dz, du, None, None, dinit, None, None, None, None
+        return (*grads, None, None, dinit, None, None, None, None)
+
+
+def fast_chunk_mask(gate_logits: torch.Tensor, refine_logits: torch.Tensor, limit: Optional[float] = None) -> torch.Tensor:
+    """Which chunks take the whole-chunk product kernels: the torch twin of `chunk_fast_path`.
+
+    Args:
+        gate_logits, refine_logits: [B, T, H, dk] (one sequence per batch row).
+        limit: the fast-path limit (default LAUNCH["fast_limit"]).
+    Returns:
+        bool [B, ceil(T / CHUNK_SIZE), H].
+    """
+    limit = _fast_limit() if limit is None else float(limit)
+    batch, length, heads, dk = gate_logits.shape
+    log_f = refined_log_gate(gate_logits, refine_logits)
+    pad = (-length) % CHUNK_SIZE
+    log_f = torch.nn.functional.pad(log_f, (0, 0, 0, 0, 0, pad))
+    b = log_f.reshape(batch, -1, CHUNK_SIZE, heads, dk).cumsum(dim=2)
+    b_ref, b_end = b[:, :, CHUNK_SIZE // 2 - 1], b[:, :, -1]
+    fast = (b_ref.amin(-1) >= -limit) & ((b_end - b_ref).amin(-1) >= -limit)
+    return fast & (limit >= 0)
 
 
 def chunk_regla_triton(

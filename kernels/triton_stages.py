@@ -3,17 +3,17 @@
 Conventions (REGLA_SPEC sections 1 and 3). Every tensor is a packed [T_total, H, D] view;
 sequence n covers tokens [cu[n], cu[n+1]) and is cut into chunks of C tokens, each chunk
 into C // S sub-chunks of S tokens. Inside a chunk, b is the cumulative log gate from the
-chunk start and bw the cumulative log gate from the sub-chunk start. Every gate factor is
-exp of a difference that is <= 0:
+chunk start (stored, fp32, by `chunk_gates_kernel`: the only stage that evaluates the gate
+from its logits, besides the chain rule at the end of the backward) and bw = b minus b at
+the end of the previous sub-chunk. Every gate factor is exp of a difference that is <= 0:
   - sub-chunk i against earlier tokens of the chunk: (q * exp(bw)) . (k * exp(b[iS-1] - b)),
-  - diagonal sub-chunk blocks: elementwise exp(bw_t - bw_s), s <= t,
+  - diagonal sub-chunk blocks: elementwise exp(b_t - b_s), s <= t, one key row of k and b
+    read from memory per step,
   - chunk against its start state: q * exp(b); state update: k * exp(b_C - b), exp(b_C).
 Padding rows past a sequence end are masked to phi = 0 and log F = 0 (no state change).
 
-The state pass (chunk_fwd_states) is the only stage that evaluates the gate from its
-logits in the forward; it also writes bw (fp32, [T, H, dk]) so that the parallel stages
-read the cumulative gates instead of recomputing them, and read single rows of them
-(with k or q) straight from memory for the elementwise diagonal blocks.
+`chunk_gates_kernel` also writes one flag per chunk and head: 1 where the whole-chunk
+product kernels (triton_fast.py) take the chunk, 0 where the sub-chunk kernels here do.
 """
 
 import triton
@@ -109,23 +109,40 @@ def sub_chunk_cumsum(log_f, C: tl.constexpr, S: tl.constexpr, DK: tl.constexpr):
 
 
 @triton.jit
-def load_cumulative_gates(bw_ptr, rows, mask, cols, C: tl.constexpr, S: tl.constexpr, DK: tl.constexpr):
-    """bw (sub-chunk cumulative log gate), b (chunk cumulative) [C, len(cols)] and b_end [len(cols)]."""
-    blk = tl.arange(0, C) // S
-    bw = tl.load(bw_ptr + rows[:, None] * DK + cols[None, :], mask=mask[:, None], other=0.0)
-    b = bw
-    b_end = tl.sum(tl.zeros_like(bw), axis=0)
-    for i in tl.static_range(C // S):
-        # bw never rises inside a sub-chunk, so its total is the min over the valid rows
-        total = tl.min(tl.where(blk[:, None] == i, bw, 0.0), axis=0)
-        b += tl.where(blk[:, None] > i, total[None, :], 0.0)
-        b_end += total
-    return bw, b, b_end
+def load_chunk_cumulative_gates(b_ptr, rows, mask, cols, DK: tl.constexpr):
+    """b (chunk cumulative log gate) [C, len(cols)], 0 on padding rows, and b_end [len(cols)].
+
+    b never rises along the chunk (a sum of terms <= 0), so its last value is its min."""
+    b = tl.load(b_ptr + rows[:, None] * DK + cols[None, :], mask=mask[:, None], other=0.0)
+    return b, tl.min(b, axis=0)
+
+
+@triton.jit
+def load_cumulative_gates(b_ptr, rows, mask, cols, C: tl.constexpr, S: tl.constexpr, DK: tl.constexpr):
+    """bw (cumulative log gate from the sub-chunk start), b (from the chunk start) [C, len(cols)]
+    and b_end [len(cols)]."""
+    rc = tl.arange(0, C)
+    b, b_end = load_chunk_cumulative_gates(b_ptr, rows, mask, cols, DK)
+    bw = b
+    for i in tl.static_range(1, C // S):
+        before = tl.min(tl.where(rc[:, None] < i * S, b, 0.0), axis=0)
+        bw -= tl.where(rc[:, None] // S == i, before[None, :], 0.0)
+    return tl.where(mask[:, None], bw, 0.0), b, b_end
+
+
+@triton.jit
+def chunk_fast_path(b, b_end, C: tl.constexpr, LIMIT: tl.constexpr):
+    """(b_r [DK], fast) for the reference row r = C/2 - 1 of a chunk's cumulative gates b [C, DK]
+    (b_r = b_end when the chunk is shorter): fast when LIMIT >= 0 and every factor
+    exp(b_t - b_r), exp(b_r - b_s) of the chunk lies in [e^-LIMIT, e^LIMIT] (triton_fast.py)."""
+    b_ref = tl.min(tl.where(tl.arange(0, C)[:, None] < C // 2, b, 0.0), axis=0)
+    fast = (tl.min(b_ref, axis=0) >= -LIMIT) & (tl.min(b_end - b_ref, axis=0) >= -LIMIT) & (LIMIT >= 0)
+    return b_ref, fast
 
 
 @triton.jit
 def intra_chunk_scores(
-    phi_q, phi_k, b, bw, k_ptr, bw_ptr, start, eos, head, H, key_max,
+    phi_q, phi_k, b, bw, k_ptr, b_ptr, start, eos, head, H, key_max,
     C: tl.constexpr, S: tl.constexpr, DK: tl.constexpr, DT: tl.constexpr, DIAG_LIMIT: tl.constexpr,
 ):
     """A[t, s] = sum_i phi_q[t,i] phi_k[s,i] exp(b[t,i] - b[s,i]) for s <= t in the chunk (unscaled).
@@ -157,8 +174,8 @@ def intra_chunk_scores(
             smask = (src < eos) & (within >= j)
             srow = src * H + head
             kj = tl.load(k_ptr + srow[:, None] * DK + cols[None, :], mask=smask[:, None], other=0.0).to(tl.float32)
-            bj = tl.load(bw_ptr + srow[:, None] * DK + cols[None, :], mask=smask[:, None], other=0.0)
-            w = tl.where(smask[:, None], tl.exp(kj - key_max + tl.minimum(bw - bj, 0.0)), 0.0)
+            bj = tl.load(b_ptr + srow[:, None] * DK + cols[None, :], mask=smask[:, None], other=0.0)
+            w = tl.where(smask[:, None], tl.exp(kj - key_max + tl.minimum(b - bj, 0.0)), 0.0)
             val = tl.sum(phi_q * w, axis=1)
             A += tl.where(rc[None, :] == col[:, None], val[:, None], 0.0)
     return A
@@ -175,13 +192,96 @@ def chunk_location(table_ptr, cu_ptr, ic, C: tl.constexpr):
 
 
 @triton.jit
+def load_state(
+    ptr, ic, n, head, H, rk, rv, DK: tl.constexpr, DV: tl.constexpr, add_ptr, decay_ptr, HAS_ADD: tl.constexpr,
+):
+    """Block [len(rk), len(rv)] (fp32) of chunk ic's stored state (or state gradient); with HAS_ADD
+    plus exp(decay[ic, head, rk]) * add[n, head, rk, rv]: a state entering sequence n from
+    outside, carried to this chunk (context parallelism: the sequence is one segment)."""
+    x = tl.load(ptr + (ic.to(tl.int64) * H + head) * DK * DV + rk[:, None] * DV + rv[None, :]).to(tl.float32)
+    if HAS_ADD:
+        decay = tl.load(decay_ptr + (ic.to(tl.int64) * H + head) * DK + rk)
+        x += tl.exp(decay)[:, None] * tl.load(add_ptr + (n * H + head) * DK * DV + rk[:, None] * DV + rv[None, :])
+    return x
+
+
+@triton.jit
+def store_gate_grads(score_terms, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, rows, mask, cols, DK: tl.constexpr):
+    """dz, du of one chunk ([C, len(cols)] each, stored) from d log F_t =
+        sum_{t' >= t} score_terms_{t'}      (phi_q dQ - phi_k dK of the intra-chunk scores),
+      + sum_{s < t} dk_end_s                (keys before t, through the chunk-end state),
+      + exp(b_end) g_h                      (the start state: g_h = rowsum(h * dh)),
+    the state terms as direct sums (no difference of large terms)."""
+    d_log_f = tl.sum(score_terms, axis=0)[None, :] - tl.cumsum(score_terms, axis=0) + score_terms
+    d_log_f += tl.cumsum(dk_end, axis=0) - dk_end + (tl.exp(b_end) * g_h)[None, :]
+    offsets = rows[:, None] * DK + cols[None, :]
+    z = tl.load(z_ptr + offsets, mask=mask[:, None], other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offsets, mask=mask[:, None], other=0.0).to(tl.float32)
+    dz_coef, du_coef = refined_log_gate_grad_tl(z, u)
+    tl.store(dz_ptr + offsets, (d_log_f * dz_coef).to(dz_ptr.dtype.element_ty), mask=mask[:, None])
+    tl.store(du_ptr + offsets, (d_log_f * du_coef).to(du_ptr.dtype.element_ty), mask=mask[:, None])
+
+
+@triton.jit
+def sub_chunk_scores(
+    q_ptr, k_ptr, b_ptr, kmax_ptr, n, head, H, rows, mask, start, eos,
+    C: tl.constexpr, S: tl.constexpr, DK: tl.constexpr, DT: tl.constexpr, DIAG_LIMIT: tl.constexpr,
+):
+    """Of a chunk for the sub-chunk kernels: phi_q, phi_k, bw, b [C, DK], b_end [DK], the key max
+    and the unscaled intra-chunk scores A [C, C] (`intra_chunk_scores`)."""
+    rk = tl.arange(0, DK)
+    key_max = tl.load(kmax_ptr + n * H + head).to(tl.float32)
+    bw, b, b_end = load_cumulative_gates(b_ptr, rows, mask, rk, C, S, DK)
+    phi_q = load_query_features(q_ptr, rows, mask, DK)
+    phi_k = load_key_features(k_ptr, rows, mask, key_max, rk, DK)
+    A = intra_chunk_scores(phi_q, phi_k, b, bw, k_ptr, b_ptr, start, eos, head, H, key_max, C, S, DK, DT, DIAG_LIMIT)
+    return phi_q, phi_k, bw, b, b_end, key_max, A
+
+
+@triton.jit
+def chunk_gates_kernel(
+    z_ptr, u_ptr, b_ptr, bend_ptr, flag_ptr, table_ptr, cu_ptr,
+    H, DK: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, LIMIT: tl.constexpr,
+):
+    """One chunk, one head: b = cumulative log F from the chunk start (fp32, valid rows), the
+    chunk's total log decay b_end (fp32 [DK]) and the flag of `chunk_fast_path` (int8), key
+    features BK at a time."""
+    ic = tl.program_id(0)
+    head = tl.program_id(1)
+    n, c, start, eos = chunk_location(table_ptr, cu_ptr, ic, C)
+    tok = start + tl.arange(0, C)
+    mask = tok < eos
+    rows = tok * H + head
+    fast = LIMIT >= 0
+    for kb in tl.static_range(DK // BK):
+        rk = kb * BK + tl.arange(0, BK)
+        b = tl.cumsum(load_chunk_gates(z_ptr, u_ptr, rows, mask, rk, DK), axis=0)
+        tl.store(b_ptr + rows[:, None] * DK + rk[None, :], b, mask=mask[:, None])
+        b_end = tl.min(b, axis=0)
+        tl.store(bend_ptr + (ic.to(tl.int64) * H + head) * DK + rk, b_end)
+        _, fast_block = chunk_fast_path(b, b_end, C, LIMIT)
+        fast = fast & fast_block
+    tl.store(flag_ptr + ic.to(tl.int64) * H + head, fast.to(tl.int8))
+
+
+@triton.jit
+def chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, C: tl.constexpr):
+    """(sequence, first token, end of sequence, row mask [C], rows [C] = token * H + head, flag)
+    of global chunk ic for one head; flag 1 = the whole-chunk product kernels take it."""
+    n, c, start, eos = chunk_location(table_ptr, cu_ptr, ic, C)
+    tok = start + tl.arange(0, C)
+    flag = tl.load(flag_ptr + ic.to(tl.int64) * H + head)
+    return n, start, eos, tok < eos, tok * H + head, flag
+
+
+@triton.jit
 def chunk_fwd_states_kernel(
-    k_ptr, v_ptr, z_ptr, u_ptr, kmax_ptr, h0_ptr, h_ptr, ht_ptr, bw_ptr, cu_ptr, choff_ptr,
-    H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    k_ptr, v_ptr, b_ptr, kmax_ptr, h0_ptr, h_ptr, ht_ptr, lt_ptr, cu_ptr, choff_ptr,
+    H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, DT: tl.constexpr,
 ):
     """Sequential over chunks, one (BK x BV) block of the state: h[chunk] = state at the chunk
-    start, ht = final state (fp32), bw = sub-chunk cumulative log gates (first value block)."""
+    start; with STORE_HT the final state ht (fp32) and the sequence's total log decay lt."""
     ik = tl.program_id(0) // (DV // BV)
     iv = tl.program_id(0) % (DV // BV)
     nh = tl.program_id(1)
@@ -196,6 +296,7 @@ def chunk_fwd_states_kernel(
     key_max = tl.load(kmax_ptr + nh).to(tl.float32)
     tile = rk[:, None] * DV + rv[None, :]
     state = tl.zeros([BK, BV], dtype=tl.float32)
+    total = tl.zeros([BK], dtype=tl.float32)
     if HAS_H0:
         state += tl.load(h0_ptr + nh.to(tl.int64) * DK * DV + tile).to(tl.float32)
     for c in range(tl.cdiv(eos - bos, C)):
@@ -203,52 +304,44 @@ def chunk_fwd_states_kernel(
         tok = bos + c * C + rc
         mask = tok < eos
         rows = tok * H + head
-        log_f = load_chunk_gates(z_ptr, u_ptr, rows, mask, rk, DK)
-        if iv == 0:
-            bw = sub_chunk_cumsum(log_f, C, S, BK)
-            tl.store(bw_ptr + rows[:, None] * DK + rk[None, :], bw, mask=mask[:, None])
-        b = tl.cumsum(log_f, axis=0)
-        b_end = last_row(b, C, C - 1)
-        phi_k = load_key_features(k_ptr, rows, mask, key_max, rk, DK)
-        k_end = phi_k * tl.exp(tl.minimum(b_end[None, :] - b, 0.0))
+        b, b_end = load_chunk_cumulative_gates(b_ptr, rows, mask, rk, DK)
+        k_end = load_key_features(k_ptr, rows, mask, key_max, rk, DK) * tl.exp(b_end[None, :] - b)
         v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0)
         state = state * tl.exp(b_end)[:, None] + tl.dot(tl.trans(k_end.to(DT)), v.to(DT))
+        total += b_end
     if STORE_HT:
         tl.store(ht_ptr + nh.to(tl.int64) * DK * DV + tile, state)
+        if iv == 0:
+            tl.store(lt_ptr + nh.to(tl.int64) * DK + rk, total)
 
 
 @triton.jit
 def chunk_fwd_output_kernel(
-    q_ptr, k_ptr, v_ptr, bw_ptr, kmax_ptr, h_ptr, o_ptr, table_ptr, cu_ptr, scale,
+    q_ptr, k_ptr, v_ptr, b_ptr, flag_ptr, kmax_ptr, h_ptr, hadd_ptr, hdecay_ptr, o_ptr, table_ptr, cu_ptr, scale,
     H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
-    DIAG_LIMIT: tl.constexpr,
+    DIAG_LIMIT: tl.constexpr, HAS_HADD: tl.constexpr,
 ):
-    """o = scale * (A v + (phi_q * exp(b)) h_start) for one chunk, one head, BV value columns."""
+    """o = scale * (A v + (phi_q * exp(b)) h_start) for one chunk (flag 0), one head, BV value columns."""
     iv = tl.program_id(0)
     ic = tl.program_id(1)
     head = tl.program_id(2)
-    n, c, start, eos = chunk_location(table_ptr, cu_ptr, ic, C)
-    rc = tl.arange(0, C)
+    n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, C)
     rk = tl.arange(0, DK)
     rv = iv * BV + tl.arange(0, BV)
-    tok = start + rc
-    mask = tok < eos
-    rows = tok * H + head
-    key_max = tl.load(kmax_ptr + n * H + head).to(tl.float32)
-    bw, b, b_end = load_cumulative_gates(bw_ptr, rows, mask, rk, C, S, DK)
-    phi_q = load_query_features(q_ptr, rows, mask, DK)
-    phi_k = load_key_features(k_ptr, rows, mask, key_max, rk, DK)
-    A = intra_chunk_scores(phi_q, phi_k, b, bw, k_ptr, bw_ptr, start, eos, head, H, key_max, C, S, DK, DT, DIAG_LIMIT)
-    v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
-    h = tl.load(h_ptr + (ic.to(tl.int64) * H + head) * DK * DV + rk[:, None] * DV + rv[None, :]).to(DT)
-    o = tl.dot(A.to(DT), v) + tl.dot((phi_q * tl.exp(b)).to(DT), h)
-    tl.store(o_ptr + rows[:, None] * DV + rv[None, :], (o * scale).to(o_ptr.dtype.element_ty), mask=mask[:, None])
+    if fast == 0:
+        phi_q, phi_k, bw, b, b_end, key_max, A = sub_chunk_scores(
+            q_ptr, k_ptr, b_ptr, kmax_ptr, n, head, H, rows, mask, start, eos, C, S, DK, DT, DIAG_LIMIT
+        )
+        v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
+        h = load_state(h_ptr, ic, n, head, H, rk, rv, DK, DV, hadd_ptr, hdecay_ptr, HAS_HADD).to(DT)
+        o = tl.dot(A.to(DT), v) + tl.dot((phi_q * tl.exp(b)).to(DT), h)
+        tl.store(o_ptr + rows[:, None] * DV + rv[None, :], (o * scale).to(o_ptr.dtype.element_ty), mask=mask[:, None])
 
 
 @triton.jit
 def chunk_bwd_dstates_kernel(
-    q_ptr, bw_ptr, do_ptr, dht_ptr, dh_ptr, dh0_ptr, cu_ptr, choff_ptr, scale,
-    H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    q_ptr, b_ptr, do_ptr, dht_ptr, dh_ptr, dh0_ptr, cu_ptr, choff_ptr, scale,
+    H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_DHT: tl.constexpr, DT: tl.constexpr,
 ):
     """Reverse over chunks, one (BK x BV) block: dh[chunk] = dL/d(state at the chunk end);
@@ -275,7 +368,7 @@ def chunk_bwd_dstates_kernel(
         tok = bos + c * C + rc
         mask = tok < eos
         rows = tok * H + head
-        bw, b, b_end = load_cumulative_gates(bw_ptr, rows, mask, rk, C, S, DK)
+        b, b_end = load_chunk_cumulative_gates(b_ptr, rows, mask, rk, DK)
         q_start = load_query_features_cols(q_ptr, rows, mask, rk, DK) * tl.exp(b) * scale
         do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0)
         dstate = dstate * tl.exp(b_end)[:, None] + tl.dot(tl.trans(q_start.to(DT)), do.to(DT))
@@ -284,123 +377,113 @@ def chunk_bwd_dstates_kernel(
 
 @triton.jit
 def chunk_bwd_main_kernel(
-    q_ptr, k_ptr, v_ptr, z_ptr, u_ptr, bw_ptr, kmax_ptr, h_ptr, dh_ptr, do_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dz_ptr, du_ptr, table_ptr, cu_ptr, scale,
+    q_ptr, k_ptr, v_ptr, z_ptr, u_ptr, b_ptr, flag_ptr, kmax_ptr, h_ptr, hadd_ptr, hdecay_ptr,
+    dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, dz_ptr, du_ptr, table_ptr, cu_ptr, scale,
     H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
-    DIAG_LIMIT: tl.constexpr,
+    DIAG_LIMIT: tl.constexpr, HAS_HADD: tl.constexpr, HAS_DHADD: tl.constexpr,
 ):
     """All input gradients of one chunk and head, from h (state at the chunk start) and dh
     (gradient at the chunk end). The gate gradient uses the reverse-cumsum identity
-    dlogF_t = sum_{t' >= t in chunk} (phi_q dQ - phi_k dK)_{t'} + rowsum(S_end * dS_end)."""
+    dlogF_t = sum_{t' >= t in chunk} (phi_q dQ - phi_k dK_scores)_{t'}
+              + sum_{s < t} k_end_s * (v_s dh^T) + exp(b_end) * rowsum(h * dh)."""
     NS: tl.constexpr = C // S
     ic = tl.program_id(0)
     head = tl.program_id(1)
-    n, c, start, eos = chunk_location(table_ptr, cu_ptr, ic, C)
+    n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, C)
     rc = tl.arange(0, C)
     rk = tl.arange(0, DK)
     cols = rk[None, :]
     blk = rc // S
     within = rc % S
-    tok = start + rc
-    mask = tok < eos
-    rows = tok * H + head
-    key_max = tl.load(kmax_ptr + n * H + head).to(tl.float32)
-    bw, b, b_end = load_cumulative_gates(bw_ptr, rows, mask, rk, C, S, DK)
-    phi_q = load_query_features(q_ptr, rows, mask, DK)
-    phi_k = load_key_features(k_ptr, rows, mask, key_max, rk, DK)
-    A = intra_chunk_scores(phi_q, phi_k, b, bw, k_ptr, bw_ptr, start, eos, head, H, key_max, C, S, DK, DT, DIAG_LIMIT)
-    At = tl.trans((A * scale).to(DT))
-    state_base = (ic.to(tl.int64) * H + head) * DK * DV
+    if fast == 0:
+        phi_q, phi_k, bw, b, b_end, key_max, A = sub_chunk_scores(
+            q_ptr, k_ptr, b_ptr, kmax_ptr, n, head, H, rows, mask, start, eos, C, S, DK, DT, DIAG_LIMIT
+        )
+        At = tl.trans((A * scale).to(DT))
 
-    # pass 1 over value blocks: dA, the state part of dQ, dv
-    dA = tl.zeros([C, C], dtype=tl.float32)
-    dq_state = tl.zeros([C, DK], dtype=tl.float32)
-    for iv in range(DV // BV):
-        rv = iv * BV + tl.arange(0, BV)
-        v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
-        do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
-        h = tl.load(h_ptr + state_base + rk[:, None] * DV + rv[None, :]).to(DT)
-        dh = tl.load(dh_ptr + state_base + rk[:, None] * DV + rv[None, :]).to(DT)
-        dA += tl.dot(do, tl.trans(v))
-        dq_state += tl.dot(do, tl.trans(h))
-        k_end = (phi_k * tl.exp(tl.minimum(b_end[None, :] - b, 0.0))).to(DT)
-        dv = tl.dot(At, do) + tl.dot(k_end, dh)
-        tl.store(dv_ptr + rows[:, None] * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask[:, None])
-    dA = tl.where((rc[:, None] >= rc[None, :]) & mask[:, None], dA * scale, 0.0)
-    dA_dt = dA.to(DT)
+        # pass 1 over value blocks: dA, the state part of dQ, dv
+        dA = tl.zeros([C, C], dtype=tl.float32)
+        dq_state = tl.zeros([C, DK], dtype=tl.float32)
+        for iv in range(DV // BV):
+            rv = iv * BV + tl.arange(0, BV)
+            v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
+            do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
+            h = load_state(h_ptr, ic, n, head, H, rk, rv, DK, DV, hadd_ptr, hdecay_ptr, HAS_HADD).to(DT)
+            dh = load_state(dh_ptr, ic, n, head, H, rk, rv, DK, DV, dhadd_ptr, dhdecay_ptr, HAS_DHADD).to(DT)
+            dA += tl.dot(do, tl.trans(v))
+            dq_state += tl.dot(do, tl.trans(h))
+            k_end = (phi_k * tl.exp(tl.minimum(b_end[None, :] - b, 0.0))).to(DT)
+            dv = tl.dot(At, do) + tl.dot(k_end, dh)
+            tl.store(dv_ptr + rows[:, None] * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask[:, None])
+        dA = tl.where((rc[:, None] >= rc[None, :]) & mask[:, None], dA * scale, 0.0)
+        dA_dt = dA.to(DT)
 
-    # dQ (gradient w.r.t. phi_q): earlier sub-chunks by products, own sub-chunk elementwise
-    dq_off = tl.zeros([C, DK], dtype=tl.float32)
-    for i in tl.static_range(1, NS):
-        ref = last_row(b, C, i * S - 1)
-        k_w = tl.where(rc[:, None] < i * S, phi_k * tl.exp(tl.minimum(ref[None, :] - b, 0.0)), 0.0)
-        part = tl.dot(dA_dt, k_w.to(DT))
-        dq_off += tl.where(blk[:, None] == i, part, 0.0)
-    dQ = dq_off * tl.exp(bw) + dq_state * tl.exp(b) * scale
-    factorized = tl.min(tl.min(bw, axis=1), axis=0) >= -DIAG_LIMIT  # as in intra_chunk_scores
-    if DIAG_LIMIT >= 0 and factorized:
-        dA_diag = tl.where(blk[:, None] == blk[None, :], dA, 0.0).to(DT)
-        dQ += tl.dot(dA_diag, (phi_k * tl.exp(-bw)).to(DT)) * tl.exp(bw)
-    else:
-        for jd in range(S):
-            col = rc - within + jd
-            src = start + col
-            smask = (src < eos) & (within >= jd)
-            srow = src * H + head
-            kj = tl.load(k_ptr + srow[:, None] * DK + cols, mask=smask[:, None], other=0.0).to(tl.float32)
-            bj = tl.load(bw_ptr + srow[:, None] * DK + cols, mask=smask[:, None], other=0.0)
-            dAj = tl.sum(tl.where(rc[None, :] == col[:, None], dA, 0.0), axis=1)
-            dQ += tl.where(smask[:, None], dAj[:, None] * tl.exp(kj - key_max + tl.minimum(bw - bj, 0.0)), 0.0)
-    tl.store(dq_ptr + rows[:, None] * DK + cols, (dQ * phi_q).to(dq_ptr.dtype.element_ty), mask=mask[:, None])
-    D = phi_q * dQ
+        # dQ (gradient w.r.t. phi_q): earlier sub-chunks by products, own sub-chunk elementwise
+        dq_off = tl.zeros([C, DK], dtype=tl.float32)
+        for i in tl.static_range(1, NS):
+            ref = last_row(b, C, i * S - 1)
+            k_w = tl.where(rc[:, None] < i * S, phi_k * tl.exp(tl.minimum(ref[None, :] - b, 0.0)), 0.0)
+            part = tl.dot(dA_dt, k_w.to(DT))
+            dq_off += tl.where(blk[:, None] == i, part, 0.0)
+        dQ = dq_off * tl.exp(bw) + dq_state * tl.exp(b) * scale
+        factorized = tl.min(tl.min(bw, axis=1), axis=0) >= -DIAG_LIMIT  # as in intra_chunk_scores
+        if DIAG_LIMIT >= 0 and factorized:
+            dA_diag = tl.where(blk[:, None] == blk[None, :], dA, 0.0).to(DT)
+            dQ += tl.dot(dA_diag, (phi_k * tl.exp(-bw)).to(DT)) * tl.exp(bw)
+        else:
+            for jd in range(S):
+                col = rc - within + jd
+                src = start + col
+                smask = (src < eos) & (within >= jd)
+                srow = src * H + head
+                kj = tl.load(k_ptr + srow[:, None] * DK + cols, mask=smask[:, None], other=0.0).to(tl.float32)
+                bj = tl.load(b_ptr + srow[:, None] * DK + cols, mask=smask[:, None], other=0.0)
+                dAj = tl.sum(tl.where(rc[None, :] == col[:, None], dA, 0.0), axis=1)
+                dQ += tl.where(smask[:, None], dAj[:, None] * tl.exp(kj - key_max + tl.minimum(b - bj, 0.0)), 0.0)
+        tl.store(dq_ptr + rows[:, None] * DK + cols, (dQ * phi_q).to(dq_ptr.dtype.element_ty), mask=mask[:, None])
+        D = phi_q * dQ
 
-    # pass 2 over value blocks: the state part of dK and the chunk-end term of the gate gradient
-    dk_state = tl.zeros([C, DK], dtype=tl.float32)
-    g_end = tl.zeros([DK], dtype=tl.float32)
-    k_end = (phi_k * tl.exp(tl.minimum(b_end[None, :] - b, 0.0))).to(DT)
-    for iv in range(DV // BV):
-        rv = iv * BV + tl.arange(0, BV)
-        v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
-        h = tl.load(h_ptr + state_base + rk[:, None] * DV + rv[None, :]).to(tl.float32)
-        dh = tl.load(dh_ptr + state_base + rk[:, None] * DV + rv[None, :])
-        dk_state += tl.dot(v, tl.trans(dh.to(DT)))
-        s_end = h * tl.exp(b_end)[:, None] + tl.dot(tl.trans(k_end), v)
-        g_end += tl.sum(s_end * dh.to(tl.float32), axis=1)
+        # pass 2 over value blocks: the state part of dK and rowsum(h * dh) for the gate gradient
+        dk_state = tl.zeros([C, DK], dtype=tl.float32)
+        g_h = tl.zeros([DK], dtype=tl.float32)
+        for iv in range(DV // BV):
+            rv = iv * BV + tl.arange(0, BV)
+            v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
+            h = load_state(h_ptr, ic, n, head, H, rk, rv, DK, DV, hadd_ptr, hdecay_ptr, HAS_HADD)
+            dh = load_state(dh_ptr, ic, n, head, H, rk, rv, DK, DV, dhadd_ptr, dhdecay_ptr, HAS_DHADD)
+            dk_state += tl.dot(v, tl.trans(dh.to(DT)))
+            g_h += tl.sum(h * dh, axis=1)
+        dk_end = phi_k * tl.exp(tl.minimum(b_end[None, :] - b, 0.0)) * dk_state
 
-    # dK (gradient w.r.t. phi_k): later sub-chunks by products, own sub-chunk elementwise
-    dAt_dt = tl.trans(dA_dt)
-    dk_off = tl.zeros([C, DK], dtype=tl.float32)
-    for j in tl.static_range(0, NS - 1):
-        ref = last_row(b, C, j * S + S - 1)
-        q_w = tl.where(rc[:, None] >= (j + 1) * S, phi_q * tl.exp(tl.minimum(b - ref[None, :], 0.0)), 0.0)
-        part = tl.dot(dAt_dt, q_w.to(DT))
-        dk_off += tl.where(blk[:, None] == j, part, 0.0)
-    sub_end = tl.zeros([C, DK], dtype=tl.float32)
-    for i in tl.static_range(NS):
-        total = tl.min(tl.where(blk[:, None] == i, bw, 0.0), axis=0)
-        sub_end += tl.where(blk[:, None] == i, total[None, :], 0.0)
-    dK = dk_off * tl.exp(tl.minimum(sub_end - bw, 0.0)) + dk_state * tl.exp(tl.minimum(b_end[None, :] - b, 0.0))
-    if DIAG_LIMIT >= 0 and factorized:
-        dA_diag_t = tl.trans(tl.where(blk[:, None] == blk[None, :], dA, 0.0).to(DT))
-        dK += tl.dot(dA_diag_t, (phi_q * tl.exp(bw)).to(DT)) * tl.exp(-bw)
-    else:
-        for jd in range(S):
-            row = rc - within + jd  # query jd of this key's sub-chunk
-            src = start + row
-            smask = (src < eos) & (within <= jd)
-            srow = src * H + head
-            qj = tl.load(q_ptr + srow[:, None] * DK + cols, mask=smask[:, None], other=0.0).to(tl.float32)
-            qj = qj - tl.max(qj, axis=1)[:, None]
-            bj = tl.load(bw_ptr + srow[:, None] * DK + cols, mask=smask[:, None], other=0.0)
-            dAj = tl.sum(tl.where(rc[:, None] == row[None, :], dA, 0.0), axis=0)
-            dK += tl.where(smask[:, None], dAj[:, None] * tl.exp(qj + tl.minimum(bj - bw, 0.0)), 0.0)
-    tl.store(dk_ptr + rows[:, None] * DK + cols, (dK * phi_k).to(dk_ptr.dtype.element_ty), mask=mask[:, None])
-    D -= phi_k * dK
+        # dK (gradient w.r.t. phi_k): later sub-chunks by products, own sub-chunk elementwise
+        dAt_dt = tl.trans(dA_dt)
+        dk_off = tl.zeros([C, DK], dtype=tl.float32)
+        for j in tl.static_range(0, NS - 1):
+            ref = last_row(b, C, j * S + S - 1)
+            q_w = tl.where(rc[:, None] >= (j + 1) * S, phi_q * tl.exp(tl.minimum(b - ref[None, :], 0.0)), 0.0)
+            part = tl.dot(dAt_dt, q_w.to(DT))
+            dk_off += tl.where(blk[:, None] == j, part, 0.0)
+        sub_end = tl.zeros([C, DK], dtype=tl.float32)
+        for i in tl.static_range(NS):
+            total = tl.min(tl.where(blk[:, None] == i, bw, 0.0), axis=0)
+            sub_end += tl.where(blk[:, None] == i, total[None, :], 0.0)
+        dK = dk_off * tl.exp(tl.minimum(sub_end - bw, 0.0))
+        if DIAG_LIMIT >= 0 and factorized:
+            dA_diag_t = tl.trans(tl.where(blk[:, None] == blk[None, :], dA, 0.0).to(DT))
+            dK += tl.dot(dA_diag_t, (phi_q * tl.exp(bw)).to(DT)) * tl.exp(-bw)
+        else:
+            for jd in range(S):
+                row = rc - within + jd  # query jd of this key's sub-chunk
+                src = start + row
+                smask = (src < eos) & (within <= jd)
+                srow = src * H + head
+                qj = tl.load(q_ptr + srow[:, None] * DK + cols, mask=smask[:, None], other=0.0).to(tl.float32)
+                qj = qj - tl.max(qj, axis=1)[:, None]
+                bj = tl.load(b_ptr + srow[:, None] * DK + cols, mask=smask[:, None], other=0.0)
+                dAj = tl.sum(tl.where(rc[:, None] == row[None, :], dA, 0.0), axis=0)
+                dK += tl.where(smask[:, None], dAj[:, None] * tl.exp(qj + tl.minimum(bj - b, 0.0)), 0.0)
+        dK = dK * phi_k
+        tl.store(dk_ptr + rows[:, None] * DK + cols, (dK + dk_end).to(dk_ptr.dtype.element_ty), mask=mask[:, None])
+        D -= dK
 
-    # gate gradient: reverse cumsum inside the chunk + the chunk-end state term
-    d_log_f = tl.sum(D, axis=0)[None, :] - tl.cumsum(D, axis=0) + D + g_end[None, :]
-    z = tl.load(z_ptr + rows[:, None] * DK + cols, mask=mask[:, None], other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + rows[:, None] * DK + cols, mask=mask[:, None], other=0.0).to(tl.float32)
-    dz_coef, du_coef = refined_log_gate_grad_tl(z, u)
-    tl.store(dz_ptr + rows[:, None] * DK + cols, (d_log_f * dz_coef).to(dz_ptr.dtype.element_ty), mask=mask[:, None])
-    tl.store(du_ptr + rows[:, None] * DK + cols, (d_log_f * du_coef).to(du_ptr.dtype.element_ty), mask=mask[:, None])
+        store_gate_grads(D, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, rows, mask, rk, DK)

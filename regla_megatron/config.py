@@ -15,6 +15,9 @@ REGLA_SYMBOL = "R"
 SOFTMAX_SYMBOL = "*"
 NORM_TYPES = ("rmsnorm", "layernorm")
 KERNEL_BACKENDS = ("auto", "triton", "torch")
+# The Triton kernels' head-dim limits (regla_kernels.triton_chunk.MIN_HEAD_DIM / MAX_HEAD_DIM),
+# repeated here so that the configuration check does not need Triton to import.
+TRITON_MIN_HEAD_DIM, TRITON_MAX_HEAD_DIM = 16, 128
 # Limits of the Triton kernels (one head's dk x dv state tile lives in on-chip memory).
 MAX_HEAD_DIM = 256
 HEAD_DIM_K_MULTIPLE = 16
@@ -111,6 +114,15 @@ class ReGLAConfig(TransformerConfig):
             raise ValueError(
                 f"ReGLAConfig: unknown regla_backend {self.regla_backend!r}; choose one of {KERNEL_BACKENDS}"
             )
+        if self.regla_backend == "triton":
+            for name in ("regla_head_dim_k", "regla_head_dim_v"):
+                dim = getattr(self, name)
+                if not (TRITON_MIN_HEAD_DIM <= dim <= TRITON_MAX_HEAD_DIM and dim & (dim - 1) == 0):
+                    raise ValueError(
+                        f"ReGLAConfig: regla_backend='triton' needs head dims that are powers of two in "
+                        f"[{TRITON_MIN_HEAD_DIM}, {TRITON_MAX_HEAD_DIM}], got {name} = {dim}; change the head "
+                        f"dim or use regla_backend='auto' (Triton where it can, torch elsewhere)"
+                    )
         if self.regla_cp_layout not in CP_LAYOUTS:
             raise ValueError(
                 f"ReGLAConfig: unknown regla_cp_layout {self.regla_cp_layout!r}; choose one of {CP_LAYOUTS}"

@@ -56,6 +56,8 @@ def test_softmax_layers_allowed_under_context_parallelism():
         (dict(regla_head_dim_k=24), r"regla_head_dim_k = 24 must be a multiple of 16"),
         (dict(hidden_size=32), r"regla_head_dim_k = 8 must be a multiple of 16"),  # from kv_channels
         (dict(regla_backend="cuda"), r"unknown regla_backend 'cuda'.*auto.*triton.*torch"),
+        (dict(regla_backend="triton", regla_head_dim_k=48), r"regla_backend='triton' needs head dims that are powers of two.*regla_head_dim_k = 48"),
+        (dict(regla_backend="triton", regla_head_dim_v=256), r"powers of two in \[16, 128\].*regla_head_dim_v = 256"),
         (dict(regla_cp_layout="ring"), r"unknown regla_cp_layout 'ring'.*zigzag.*contiguous"),
         (dict(regla_gate_rank=-1), r"regla_gate_rank must be 0 \(full rank\) or a positive rank"),
         (dict(regla_norm_eps=0.0), r"regla_norm_eps must be positive"),
@@ -64,3 +66,10 @@ def test_softmax_layers_allowed_under_context_parallelism():
 def test_bad_input_raises_clear_error(overrides, message):
     with pytest.raises(ValueError, match=message):
         make(**overrides)
+
+
+def test_triton_head_dim_limits_match_the_kernels():
+    from regla_kernels import triton_chunk
+    from regla_megatron.config import TRITON_MAX_HEAD_DIM, TRITON_MIN_HEAD_DIM
+
+    assert (TRITON_MIN_HEAD_DIM, TRITON_MAX_HEAD_DIM) == (triton_chunk.MIN_HEAD_DIM, triton_chunk.MAX_HEAD_DIM)

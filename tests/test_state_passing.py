@@ -5,6 +5,7 @@ import torch
 
 from regla_kernels import (
     chunk_regla,
+    cp_state_grad_scan,
     cp_state_scan,
     default_scale,
     inter_segment_output,
@@ -81,6 +82,21 @@ def test_scan_closed_form():
         for j in range(i):
             expected = expected + torch.exp(decays[j + 1 : i].sum(0)).unsqueeze(-1) * states[j]
         assert torch.allclose(incoming[i], expected, rtol=1e-13, atol=1e-13)
+
+
+def test_grad_scan_is_the_backward_of_the_scan():
+    """With L = sum_i <G_i, S_in(i)>: dL/dS_loc(j) = D(j + 1) and dL/dS_in(0) = D(0)."""
+    gen = torch.Generator().manual_seed(1)
+    states = torch.randn(4, 2, 3, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    decays = -torch.rand(4, 2, 3, 4, generator=gen, dtype=torch.float64)
+    initial = torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    grads = torch.randn(4, 2, 3, 4, 5, generator=gen, dtype=torch.float64)
+    (cp_state_scan(states, decays, initial) * grads).sum().backward()
+    at_end, initial_grad = cp_state_grad_scan(grads, decays)
+    assert torch.allclose(at_end, states.grad, rtol=1e-13, atol=1e-13)
+    assert torch.allclose(initial_grad, initial.grad, rtol=1e-13, atol=1e-13)
+    with pytest.raises(ValueError, match="log_decays"):
+        cp_state_grad_scan(grads, decays[..., :2])
 
 
 def test_dtypes_and_shapes():

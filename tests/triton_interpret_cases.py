@@ -31,16 +31,26 @@ def _inputs(batch, length, heads, dk, dv, sequences=None, dtype=torch.float32, l
     return [x.to(dtype) for x in (q, k, v, z, u)] + [state.float()]
 
 
-def _run(backend, inputs, cu_seqlens=None):
+def _run(backend, inputs, cu_seqlens=None, with_state=True):
     from regla_kernels import chunk_regla
 
+    def function(*args, **kwargs):
+        return chunk_regla(*args, **kwargs, output_final_state=with_state, backend=backend)
+
+    return _run_with(function, inputs, cu_seqlens)
+
+
+def _run_with(function, inputs, cu_seqlens=None):
+    """Outputs, final state (None if the function gives none) and every input gradient of a
+    fixed random projection of both."""
     leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
-    o, state = chunk_regla(*leaves[:5], initial_state=leaves[5], output_final_state=True, cu_seqlens=cu_seqlens, backend=backend)
+    o, state = function(*leaves[:5], initial_state=leaves[5], cu_seqlens=cu_seqlens)
     gen = torch.Generator().manual_seed(99)
-    weight_o = torch.randn(o.shape, generator=gen, dtype=torch.float64)
-    weight_s = torch.randn(state.shape, generator=gen, dtype=torch.float64)
-    ((o.double() * weight_o).sum() + (state.double() * weight_s).sum()).backward()
-    return [o.detach(), state.detach()] + [x.grad for x in leaves]
+    loss = (o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum()
+    if state is not None:
+        loss = loss + (state.double() * torch.randn(state.shape, generator=gen, dtype=torch.float64)).sum()
+    loss.backward()
+    return [o.detach(), None if state is None else state.detach()] + [x.grad for x in leaves]
 
 
 def _compare(inputs, bound, cu_seqlens=None, gate_bound=None):
@@ -85,10 +95,78 @@ def test_product_and_mixed_diagonal_blocks(logit_scale, launch):
     _compare(_inputs(2, 150, 2, 2 * d, d, logit_scale=logit_scale, seed=5), bound=2e-5)
 
 
-def test_split_key_and_value_blocks(launch):
-    """Sequential state stages split over key and value blocks; the rest over value blocks."""
+@pytest.mark.parametrize("fast_limit", [-1.0, 17.0, 60.0])
+def test_whole_chunk_products_and_sub_chunk_kernels(fast_limit, launch):
+    """fast_limit -1: every chunk in the sub-chunk kernels; 17: a mix, chunk by chunk;
+    60: every chunk of these inputs in the whole-chunk product kernels."""
     d = launch.MIN_HEAD_DIM
-    launch.LAUNCH.update(block_k=d, block_v=d)
+    launch.LAUNCH.update(fast_limit=fast_limit)
+    inputs = _inputs(2, 150, 2, 2 * d, d, logit_scale=1.0, seed=6)
+    fast = launch.fast_chunk_mask(inputs[3], inputs[4])
+    expected = {-1.0: "none", 17.0: "some", 60.0: "all"}[fast_limit]
+    observed = "all" if fast.all() else ("none" if not fast.any() else "some")
+    assert observed == expected, fast
+    _compare(inputs, bound=2e-5)
+
+
+class _LocalExchange:
+    """All segments in this process, segment-major [S * B]: the scans of a CP group of one."""
+
+    def __init__(self, segments):
+        self.segments = segments
+
+    def incoming(self, local_states, log_decays, initial_state):
+        from regla_kernels import cp_state_scan
+
+        shape = (self.segments, -1) + tuple(local_states.shape[1:])
+        self.log_decays = log_decays.view(shape[:-1])
+        return cp_state_scan(local_states.view(shape), self.log_decays, initial_state).flatten(0, 1)
+
+    def outgoing(self, incoming_grads):
+        from regla_kernels import cp_state_grad_scan
+
+        at_end, initial_grad = cp_state_grad_scan(incoming_grads.view(self.log_decays.shape + incoming_grads.shape[-1:]), self.log_decays)
+        return at_end.flatten(0, 1), initial_grad
+
+
+def _by_segments(segments):
+    """chunk_regla's signature, computed as `segments` equal segments with the state carried by the exchange."""
+    from regla_kernels import default_scale, sequence_key_max
+    from regla_kernels.triton_segments import chunk_regla_segments_triton
+
+    def run(q, k, v, z, u, initial_state=None, cu_seqlens=None):
+        batch, length = q.shape[:2]
+        cut = lambda x: x.reshape(batch, segments, length // segments, *x.shape[2:]).transpose(0, 1).flatten(0, 1)
+        key_max = sequence_key_max(k).repeat(segments, 1)
+        exchange = _LocalExchange(segments)
+        o = chunk_regla_segments_triton(*(cut(x) for x in (q, k, v, z, u)), default_scale(q.shape[-1]), key_max, exchange, initial_state)
+        return o.reshape(segments, batch, length // segments, *o.shape[2:]).transpose(0, 1).reshape(batch, length, *o.shape[2:]), None
+
+    return run
+
+
+@pytest.mark.parametrize("segments, fast_limit", [(2, 60.0), (4, 60.0), (3, -1.0)])
+def test_segments_with_carried_states_match_one_pass(segments, fast_limit, launch):
+    """Context parallelism's kernel path: equal segments, zero-state passes, the states and
+    state gradients carried by the exchange and added inside the kernels."""
+    d = launch.MIN_HEAD_DIM
+    launch.LAUNCH.update(fast_limit=fast_limit)
+    inputs = _inputs(2, 48 * segments, 2, 2 * d, d, seed=7 + segments)
+    got = _run_with(_by_segments(segments), inputs)
+    ref = _run("naive", [x.double() for x in inputs], with_state=False)
+    for name, a, b in zip(NAMES, got, ref):
+        if name == "final_state":
+            continue  # the segments path gives outputs only (a CP layer emits no final state)
+        assert torch.isfinite(a).all(), name
+        error = ((a.double() - b).norm() / b.norm()).item()
+        assert error < 2e-5, (name, error)
+
+
+def test_split_key_and_value_blocks(launch):
+    """Sequential state stages split over key and value blocks; the rest over value blocks
+    (and the fast dq/dk stage over key blocks)."""
+    d = launch.MIN_HEAD_DIM
+    launch.LAUNCH.update(block_k=d, block_v=d, fast_output_block_v=d, fast_dqk_block_k=d, fast_dqk_block_v=d)
     _compare(_inputs(2, 150, 2, 2 * d, 2 * d, seed=1), bound=2e-5)
 
 
@@ -121,6 +199,8 @@ def test_unsupported_shapes_and_dtypes_name_the_limit(launch):
 
 
 def test_auto_backend_stays_on_torch_for_cpu_tensors():
-    from regla_kernels.chunk import _resolve_backend
+    from regla_kernels import resolve_backend
 
-    assert _resolve_backend("auto", torch.device("cpu")) == "torch"
+    x = torch.randn(1, 8, 1, 16)
+    assert resolve_backend("auto", x, x) == "torch"
+    assert resolve_backend("triton", x, x) == "triton"

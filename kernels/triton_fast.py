@@ -1,0 +1,146 @@
+"""Whole-chunk product path of the chunked ReGLA kernels (the common case).
+
+Inside a chunk, the gate factor of a score is exp(b_t - b_s) (b: cumulative log gate from
+the chunk start). Take a reference row r of the chunk and write it as
+exp(b_t - b_r) * exp(b_r - b_s): the intra-chunk scores become ONE masked product
+(phi_q exp(b - b_r)) (phi_k exp(b_r - b))^T, and the state term uses
+phi_q exp(b_t) h = (phi_q exp(b_t - b_r)) (exp(b_r) h). Every factor lies in
+[e^-LIMIT, e^LIMIT] when
+
+    b_r >= -LIMIT and b_end - b_r >= -LIMIT   (every key feature of the chunk),
+
+which is all that bf16/fp32 products need (their range is e^+-88). Such a chunk is "safe".
+`chunk_gates_kernel` decides it once per chunk and head (a stored flag). All score terms are positive, so the rounding of the two factors to the product dtype
+costs a relative 2^-8 (bf16) on every score, as in any bf16 product; no cancellation.
+Chunks that are not safe (total log decay of some feature below about -2 LIMIT: gates
+near 0) take the sub-chunk kernels of triton_stages.py, with fp32 (tf32) products.
+The flag sends every chunk to exactly one of the two.
+
+Backward, gate gradient: with the rounded factors Qr, Kr (the values the products used),
+    d log F_t = sum_{t' >= t} Qr dQ~ (= dq) - sum_{s >= t} Kr dK~ (A part)
+              + sum_{s < t} k_end_s * (v_s dh^T) + exp(b_end) * rowsum(h * dh),
+the first two lines cancel exactly for the score pairs that do not straddle t (both
+routes use the same rounded factors), and the state terms are the direct sums (no
+difference of large terms), so bf16 gate gradients keep bf16 accuracy.
+"""
+
+import triton
+import triton.language as tl
+
+from .triton_stages import (
+    chunk_rows,
+    load_chunk_cumulative_gates,
+    load_key_features,
+    load_query_features,
+    load_query_features_cols,
+    load_state,
+    store_gate_grads,
+)
+
+
+@triton.jit
+def key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, rows, mask, rk, DK: tl.constexpr, C: tl.constexpr):
+    """Of a fast chunk, key features rk: b [C, len(rk)], b_end, b_r (b at the reference row
+    r = C/2 - 1, or b_end when the chunk is shorter) and phi_k [C, len(rk)] (fp32)."""
+    b, b_end = load_chunk_cumulative_gates(b_ptr, rows, mask, rk, DK)
+    b_ref = tl.min(tl.where(tl.arange(0, C)[:, None] < C // 2, b, 0.0), axis=0)
+    key_max = tl.load(kmax_ptr + n * H + head).to(tl.float32)
+    return b, b_end, b_ref, load_key_features(k_ptr, rows, mask, key_max, rk, DK)
+
+
+@triton.jit
+def chunk_fwd_output_fast_kernel(
+    q_ptr, k_ptr, v_ptr, b_ptr, flag_ptr, kmax_ptr, h_ptr, hadd_ptr, hdecay_ptr, o_ptr, table_ptr, cu_ptr, scale,
+    H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, HAS_HADD: tl.constexpr,
+):
+    """o = scale * (tril(Q~ K~^T) v + Q~ (exp(b_r) h)) for one safe chunk, one head, BV value columns."""
+    ic = tl.program_id(0)
+    head = tl.program_id(1)
+    n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, C)
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, DK)
+    if fast != 0:
+        b, b_end, b_ref, phi_k = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, rows, mask, rk, DK, C)
+        q_t = (load_query_features(q_ptr, rows, mask, DK) * tl.exp(b - b_ref[None, :])).to(DT)
+        k_t = (phi_k * tl.exp(b_ref[None, :] - b)).to(DT)
+        A = tl.where(rc[:, None] >= rc[None, :], tl.dot(q_t, tl.trans(k_t)), 0.0).to(DT)
+        decay_ref = tl.exp(b_ref)
+        for iv in range(DV // BV):
+            rv = iv * BV + tl.arange(0, BV)
+            v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
+            h = load_state(h_ptr, ic, n, head, H, rk, rv, DK, DV, hadd_ptr, hdecay_ptr, HAS_HADD)
+            o = tl.dot(A, v) + tl.dot(q_t, (h * decay_ref[:, None]).to(DT))
+            tl.store(o_ptr + rows[:, None] * DV + rv[None, :], (o * scale).to(o_ptr.dtype.element_ty), mask=mask[:, None])
+
+
+@triton.jit
+def chunk_bwd_dv_fast_kernel(
+    q_ptr, k_ptr, b_ptr, flag_ptr, kmax_ptr, dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dv_ptr, table_ptr, cu_ptr, scale,
+    H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, HAS_DHADD: tl.constexpr,
+):
+    """dv = (scale tril(Q~ K~^T))^T do + k_end dh for one safe chunk, one head, BV value columns."""
+    iv = tl.program_id(0)
+    ic = tl.program_id(1)
+    head = tl.program_id(2)
+    n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, C)
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, DK)
+    rv = iv * BV + tl.arange(0, BV)
+    if fast != 0:
+        b, b_end, b_ref, phi_k = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, rows, mask, rk, DK, C)
+        k_t = (phi_k * tl.exp(b_ref[None, :] - b)).to(DT)
+        k_end = (phi_k * tl.exp(b_end[None, :] - b)).to(DT)
+        q_t = (load_query_features(q_ptr, rows, mask, DK) * tl.exp(b - b_ref[None, :])).to(DT)
+        # A^T directly: K~ Q~^T, kept where s <= t (row s, column t)
+        At = tl.where(rc[:, None] <= rc[None, :], tl.dot(k_t, tl.trans(q_t)), 0.0) * scale
+        do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
+        dh = load_state(dh_ptr, ic, n, head, H, rk, rv, DK, DV, dhadd_ptr, dhdecay_ptr, HAS_DHADD).to(DT)
+        dv = tl.dot(At.to(DT), do) + tl.dot(k_end, dh)
+        tl.store(dv_ptr + rows[:, None] * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask[:, None])
+
+
+@triton.jit
+def chunk_bwd_dqk_fast_kernel(
+    q_ptr, k_ptr, v_ptr, z_ptr, u_ptr, b_ptr, flag_ptr, kmax_ptr, h_ptr, hadd_ptr, hdecay_ptr,
+    dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dq_ptr, dk_ptr, dz_ptr, du_ptr, table_ptr, cu_ptr, scale,
+    H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+    HAS_HADD: tl.constexpr, HAS_DHADD: tl.constexpr,
+):
+    """dq, dk and both gate-logit gradients of one safe chunk, one head, BK key features
+    (every one of them is separable over the key features once dA = do v^T is known)."""
+    ik = tl.program_id(0)
+    ic = tl.program_id(1)
+    head = tl.program_id(2)
+    n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, C)
+    rc = tl.arange(0, C)
+    rk = ik * BK + tl.arange(0, BK)
+    cols = rk[None, :]
+    if fast != 0:
+        b, b_end, b_ref, phi_k = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, rows, mask, rk, DK, C)
+        k_t = (phi_k * tl.exp(b_ref[None, :] - b)).to(DT)
+        k_end = phi_k * tl.exp(b_end[None, :] - b)
+        q_t = (load_query_features_cols(q_ptr, rows, mask, rk, DK) * tl.exp(b - b_ref[None, :])).to(DT)
+        decay_ref = tl.exp(b_ref)
+        dA = tl.zeros([C, C], dtype=tl.float32)
+        dq_state = tl.zeros([C, BK], dtype=tl.float32)
+        dk_state = tl.zeros([C, BK], dtype=tl.float32)
+        g_h = tl.zeros([BK], dtype=tl.float32)
+        for iv in range(DV // BV):
+            rv = iv * BV + tl.arange(0, BV)
+            v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
+            do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
+            h = load_state(h_ptr, ic, n, head, H, rk, rv, DK, DV, hadd_ptr, hdecay_ptr, HAS_HADD)
+            dh = load_state(dh_ptr, ic, n, head, H, rk, rv, DK, DV, dhadd_ptr, dhdecay_ptr, HAS_DHADD)
+            dA += tl.dot(do, tl.trans(v))
+            dq_state += tl.dot(do, tl.trans((h * decay_ref[:, None]).to(DT)))
+            dk_state += tl.dot(v, tl.trans(dh.to(DT)))
+            g_h += tl.sum(h * dh, axis=1)
+        dA = tl.where(rc[:, None] >= rc[None, :], dA * scale, 0.0).to(DT)
+
+        dq = q_t.to(tl.float32) * (dq_state * scale + tl.dot(dA, k_t))
+        tl.store(dq_ptr + rows[:, None] * DK + cols, dq.to(dq_ptr.dtype.element_ty), mask=mask[:, None])
+        dk_scores = k_t.to(tl.float32) * tl.dot(tl.trans(dA), q_t)
+        dk_end = k_end * dk_state
+        tl.store(dk_ptr + rows[:, None] * DK + cols, (dk_scores + dk_end).to(dk_ptr.dtype.element_ty), mask=mask[:, None])
+
+        store_gate_grads(dq - dk_scores, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, rows, mask, rk, DK)
