@@ -83,6 +83,29 @@ def check(label, batch, length, heads, dk, dv, dtype, logit_scale=1.0, seqlens=N
     return ok
 
 
+def check_decode(label, batch, heads, dk, dv, dtype, steps=6, seed=0):
+    """Triton decode steps against the torch step in fp64 (output, state, running key max)."""
+    from regla_kernels import regla_step
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    states = {"triton": (None, None), "torch": (None, None)}
+    worst = 0.0
+    for step in range(steps):
+        draw = lambda d, shift=0.0: (torch.randn(batch, heads, d, generator=gen, device="cuda") + shift).to(dtype)
+        inputs = [draw(dk), draw(dk, 0.5 * step), draw(dv), draw(dk, 2.0), draw(dk)]
+        out = {}
+        for backend in ("triton", "torch"):
+            cast = (lambda x: x.double()) if backend == "torch" else (lambda x: x)
+            state, running_max = states[backend]
+            result = regla_step(*(cast(x) for x in inputs), state, running_max, backend=backend)
+            states[backend] = result[1:]
+            out[backend] = result
+        worst = max(worst, max(rel(a, b) for a, b in zip(out["triton"], out["torch"])))
+    ok = worst < BOUNDS[dtype]
+    print(f"{'PASS' if ok else 'FAIL'} {label:38s} bound {BOUNDS[dtype]:.0e} worst relative error over {steps} steps {worst:.1e}", flush=True)
+    return ok
+
+
 def apply_launch(settings):
     """KEY=VALUE overrides of triton_chunk.LAUNCH (numbers as in the dict)."""
     for item in settings or []:
@@ -121,6 +144,12 @@ def main():
             while cause.__cause__ is not None:
                 cause = cause.__cause__
             print(f"FAIL {case[0]}: {type(error).__name__}: {str(error)[:300]} / cause {type(cause).__name__}: {str(cause)[-600:]}", flush=True)
+            results.append(False)
+    for label, *shape in [("decode bf16 B4 H16 d128", 4, 16, 128, 128, torch.bfloat16), ("decode fp32 B2 H4 dk64 dv128", 2, 4, 64, 128, torch.float32)]:
+        try:
+            results.append(check_decode(label, *shape))
+        except Exception as error:
+            print(f"FAIL {label}: {type(error).__name__}: {str(error)[:300]}", flush=True)
             results.append(False)
     print(f"{sum(results)}/{len(results)} checks passed", flush=True)
     return all(results)

@@ -1,4 +1,5 @@
-"""One-token ReGLA step for decoding (REGLA_SPEC section 5), in PyTorch.
+"""One-token ReGLA step for decoding (REGLA_SPEC section 5): PyTorch, or the Triton kernel of
+triton_decode.py.
 
 The sequence key max M is unknown while decoding, so the state is kept relative to a
 running max m: when a new key raises it, the state is rescaled by exp(m_old - m_new).
@@ -13,6 +14,24 @@ import torch
 from .gating import default_scale, key_feature_map, query_feature_map, refined_log_gate
 
 
+STEP_BACKENDS = ("auto", "triton", "torch")
+
+
+def _use_triton(backend: str, q: torch.Tensor, v: torch.Tensor) -> bool:
+    if backend not in STEP_BACKENDS:
+        raise ValueError(f"regla_step: unknown backend {backend!r}; choose one of {STEP_BACKENDS}")
+    if backend == "torch":
+        return False
+    from .chunk import resolve_backend
+
+    if backend == "auto":
+        return resolve_backend("auto", q, v) == "triton"
+    from .triton_chunk import _check
+
+    _check(q, v)  # clear errors for what the kernel cannot take
+    return True
+
+
 def regla_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -22,6 +41,7 @@ def regla_step(
     state: Optional[torch.Tensor],
     running_key_max: Optional[torch.Tensor],
     scale: Optional[float] = None,
+    backend: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """S = Diag(F) S + phi_k(k)^T v, o = scale * phi_q(q) S for one token.
 
@@ -30,16 +50,24 @@ def regla_step(
         state: [B, H, dk, dv] (relative to running_key_max) or None for an empty state.
         running_key_max: [B, H], the max of every key seen so far, or None at the start.
         scale: score factor; None means alpha of REGLA_SPEC section 1.
+        backend: "auto" (the Triton step kernel for CUDA inputs it supports, else torch),
+            "triton" or "torch".
     Returns:
         o [B, H, dv] in q's dtype, the new state (float32, float64 for float64 input),
-        the new running key max [B, H].
+        the new running key max [B, H] (float32, float64 for float64 input).
     """
     if q.dim() != 3 or k.shape != q.shape or gate_logits.shape != q.shape or refine_logits.shape != q.shape:
         raise ValueError(f"regla_step: q, k and both logits must be [B, H, dk], got {tuple(q.shape)}, {tuple(k.shape)}")
     if v.dim() != 3 or v.shape[:2] != q.shape[:2]:
         raise ValueError(f"regla_step: v must be [B, H, dv] with q's B, H, got {tuple(v.shape)}")
+    if (state is None) != (running_key_max is None):
+        raise ValueError("regla_step: give both state and running_key_max (a running decode) or neither (the first token)")
     if scale is None:
         scale = default_scale(q.shape[-1])
+    if _use_triton(backend, q, v):
+        from .triton_decode import regla_step_triton
+
+        return regla_step_triton(q, k, v, gate_logits, refine_logits, state, running_key_max, scale)
     phi_q = query_feature_map(q)
     dtype = phi_q.dtype
     step_max = k.detach().to(dtype).amax(dim=-1)

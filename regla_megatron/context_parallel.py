@@ -3,6 +3,11 @@
 Each CP rank holds some segments of every sequence (Megatron's layouts, below). The
 layer output is exactly the one-process output, computed as:
 
+Two implementations of the same math. Triton (CUDA tensors, `backend` "auto" or "triton"):
+`regla_kernels.triton_segments` with `_CPExchange` below: the incoming states and the
+state gradients are added inside the kernels (no correction pass); the all-gathers carry
+(S_loc, Lambda) forward and the state gradients backward. Torch (CPU, any backend):
+
 1. key max: all-reduce(MAX) of the local per-(batch, head) key maxima;
 2. a local `chunk_regla` pass per segment from a zero state, returning its final state
    S_loc, and the segment's total log decay Lambda;
@@ -32,9 +37,11 @@ import torch.distributed as dist
 
 from regla_kernels import (
     chunk_regla,
+    cp_state_grad_scan,
     cp_state_scan,
     default_scale,
     inter_segment_output,
+    resolve_backend,
     segment_log_decay,
     sequence_key_max,
 )
@@ -151,6 +158,40 @@ def cp_key_max(k: torch.Tensor, group) -> torch.Tensor:
     return key_max
 
 
+class _CPExchange:
+    """The communication of the Triton segments path (`regla_kernels.triton_segments`) over a
+    CP group: forward one all-gather of (S_loc, Lambda) and the scan; backward one all-gather
+    of the state gradients G and the reverse scan. Local tensors are segment-major [n B, ...]."""
+
+    def __init__(self, group, layout: str, batch: int):
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.mine = cp_segment_indices(layout, self.rank, self.size)
+        self.batch = batch
+        where = {j: r * len(self.mine) + slot for r in range(self.size) for slot, j in enumerate(cp_segment_indices(layout, r, self.size))}
+        self.order = [where[j] for j in range(self.size * len(self.mine))]
+
+    def _gather_in_order(self, local: torch.Tensor) -> torch.Tensor:
+        local = local.contiguous().view(len(self.mine), self.batch, *local.shape[1:])
+        gathered = local.new_empty((self.size * local.shape[0],) + tuple(local.shape[1:]))
+        dist.all_gather_into_tensor(gathered, local, group=self.group)
+        return gathered[self.order]
+
+    def incoming(self, local_states, log_decays, initial_state):
+        dv = local_states.shape[-1]
+        summary = self._gather_in_order(torch.cat([local_states, log_decays.unsqueeze(-1)], dim=-1))
+        self.log_decays = summary[..., dv]
+        incoming = cp_state_scan(summary[..., :dv], self.log_decays, initial_state=initial_state)
+        return incoming[self.mine].flatten(0, 1)
+
+    def outgoing(self, incoming_grads):
+        at_end, initial_grad = cp_state_grad_scan(self._gather_in_order(incoming_grads), self.log_decays)
+        # every rank computes the whole initial-state gradient: rank 0 holds it as its share
+        initial_share = initial_grad if self.rank == 0 else torch.zeros_like(initial_grad)
+        return at_end[self.mine].flatten(0, 1), initial_share
+
+
 # --------------------------------------------------------------------------- the layer function
 
 
@@ -231,6 +272,12 @@ def context_parallel_regla(
 
     key_max = cp_key_max(k, cp_group)
     q_s, k_s, v_s, z_s, u_s = (_to_segments(x, local) for x in (q, k, v, gate_logits, refine_logits))
+    if resolve_backend(backend, q, v) == "triton":
+        from regla_kernels.triton_segments import chunk_regla_segments_triton
+
+        exchange = _CPExchange(cp_group, layout, batch)
+        out = chunk_regla_segments_triton(q_s, k_s, v_s, z_s, u_s, scale, key_max.repeat(local, 1), exchange, initial_state)
+        return _from_segments(out, local)
     out, states = chunk_regla(
         q_s, k_s, v_s, z_s, u_s, scale=scale, key_max=key_max.repeat(local, 1), output_final_state=True, backend=backend
     )
