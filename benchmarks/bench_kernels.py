@@ -65,14 +65,18 @@ def measure(step, inputs, grads_of):
 
     fwd_ms = do_bench(fwd, warmup=25, rep=100, return_mode="median")
     fwd_bwd_ms = do_bench(fwd_bwd, warmup=25, rep=200, return_mode="median")
+    return fwd_ms, fwd_bwd_ms, peak_extra_gb(fwd_bwd)
+
+
+def peak_extra_gb(step):
+    """GB of device memory one call of `step` allocates at its peak beyond what was allocated before."""
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    fwd_bwd()
+    step()
     torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 1e9
-    return fwd_ms, fwd_bwd_ms, peak
+    return (torch.cuda.max_memory_allocated() - base) / 1e9
 
 
 def bench(lengths, methods):
@@ -115,9 +119,8 @@ def bench(lengths, methods):
     return rows
 
 
-SWEEP = [{"fast_dqk_block_k": 128}, {"fast_dqk_block_k": 128, "fast_dqk_warps": 16}, {"fast_dqk_block_k": 32},
-         {"fast_dqk_block_k": 32, "fast_dqk_warps": 4}, {"fast_dv_block_v": 128}, {"fast_output_block_v": 128, "fast_output_warps": 8},
-         {"states_warps": 8}, {"gates_warps": 4}]
+SWEEP = [{"fast_dqk_block_k": 128, "fast_dqk_warps": 16}, {"fast_dqk_block_k": 32}, {"fast_dv_block_v": 128},
+         {"states_warps": 8}]
 
 
 def sweep(length=8192):
@@ -222,6 +225,7 @@ def main():
         result["profile"] = profile()
     if args.sweep:
         result["sweep"] = sweep()
+        meta["launch"] = dict(triton_chunk.LAUNCH)
     rows = bench([int(x) for x in args.lengths.split(",")], args.methods.split(","))
     rows = [{key: val for key, val in r.items() if val is not None} for r in rows]
     result["rows"] = rows

@@ -22,11 +22,7 @@ grep -E "^(check|time)" "$OUT/cp.log" || tail -20 "$OUT/cp.log"
 
 mkdir -p /tmp/mlm && tar xzf .mlm/megatron-lm-core_v0.19.0.tgz -C /tmp/mlm
 cp -r /tmp/mlm /tmp/mlm-patched && regla-megatron patch /tmp/mlm-patched
-SMALL=(--train-iters 50 --global-batch-size 16 --micro-batch-size 4 --lr-warmup-iters 5
-       --save-interval 100000 --eval-interval 25 --eval-iters 2 --log-interval 5
-       --transformer-impl local --no-gradient-accumulation-fusion --no-masked-softmax-fusion
-       --no-bias-swiglu-fusion --no-bias-dropout-fusion --no-rope-fusion --no-persist-layer-norm)
-export DATA_PATH=mock GPUS_PER_NODE=2 NUM_LAYERS=4 HIDDEN=512 HEADS=8 SEQ=2048
+source benchmarks/mlm_small_args.sh
 MEGATRON_LM=/tmp/mlm-patched TP=2 CP=1 CHECKPOINTS=/tmp/ck1 timeout 150 \
   bash examples/pretrain_regla_hybrid.sh "${SMALL[@]}" > "$OUT/mlm_patched_tp2.log" 2>&1; echo "patched rc=$?"
 grep -E "iteration +[0-9]+/|Error|error" "$OUT/mlm_patched_tp2.log" | tail -14

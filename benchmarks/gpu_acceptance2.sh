@@ -12,11 +12,7 @@ PYTEST=$!
 timeout 120 torchrun --nproc-per-node 2 benchmarks/gpu_check_cp.py --tokens-per-gpu 32768 --out "$OUT" > "$OUT/cp.log" 2>&1; echo "cp rc=$?"
 grep -E "^(check|time)" "$OUT/cp.log" || tail -20 "$OUT/cp.log"
 mkdir -p /tmp/mlm && tar xzf .mlm/megatron-lm-core_v0.19.0.tgz -C /tmp/mlm
-SMALL=(--train-iters 50 --global-batch-size 16 --micro-batch-size 4 --lr-warmup-iters 5
-       --save-interval 100000 --eval-interval 25 --eval-iters 2 --log-interval 5
-       --transformer-impl local --no-gradient-accumulation-fusion --no-masked-softmax-fusion
-       --no-bias-swiglu-fusion --no-bias-dropout-fusion --no-rope-fusion --no-persist-layer-norm)
-export DATA_PATH=mock GPUS_PER_NODE=2 NUM_LAYERS=4 HIDDEN=512 HEADS=8 SEQ=2048
+source benchmarks/mlm_small_args.sh
 MEGATRON_LM=/tmp/mlm ZERO_PATCH=1 SPEC_NAME=regla_spec TP=1 CP=2 CHECKPOINTS=/tmp/ck2 timeout 150 \
   bash examples/pretrain_regla_hybrid.sh "${SMALL[@]}" > "$OUT/mlm_zero_patch_cp2.log" 2>&1; echo "zero-patch rc=$?"
 grep -E "iteration +[0-9]+/|Error" "$OUT/mlm_zero_patch_cp2.log" | cut -c1-250 | tail -12

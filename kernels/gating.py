@@ -63,8 +63,9 @@ def sequence_key_max(k: torch.Tensor) -> torch.Tensor:
     """
     dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
     # The max of low-precision values is one of them: reduce first, then upcast (no fp32 copy of
-    # k); the feature dim first, as a contiguous reduction, is several times faster on a GPU.
-    return k.detach().amax(dim=-1).amax(dim=1).to(dtype)
+    # k). Over the sequence first: 0.15 ms against 0.26 for amax(dim=(1, 3)) on an H200 at
+    # 64K tokens x 16 heads x 128 (benchmarks/runs/megatron_2045/key_max.log).
+    return k.detach().amax(dim=1).amax(dim=-1).to(dtype)
 
 
 def key_feature_map(k: torch.Tensor, key_max: torch.Tensor) -> torch.Tensor:
