@@ -63,7 +63,7 @@ LAUNCH = {
     "fast_output_warps": 4,
     "fast_output_block_v": 64,
     "fast_dv_warps": 8,
-    "fast_dv_block_v": 128,
+    "fast_dv_block_v": 64,
     "fast_dqk_warps": 8,
     "fast_dqk_block_k": 64,
     "fast_dqk_block_v": 64,
