@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One device call: GPU check of the kernels (default launch, then every chunk through the
-# sub-chunk kernels), a per-kernel profile and launch sweep at T = 8192, and the benchmark
-# against fla and SDPA (fla when its wheel was carried). Use with the run tool, carry [".whl"]:
-#   bash benchmarks/gpu_run_kernels.sh          (about 5 minutes of device time with fla)
+# One device call (kind nvidia-h200), carry [".whl"]: GPU check of the committed launch
+# settings and of the next candidate (the final session-2 sweep's picks: dv value block 128,
+# dq/dk key block 32), a per-kernel profile, and the benchmark of both against fla and SDPA.
+#   bash benchmarks/gpu_run_kernels.sh          (about 6 minutes with fla)
 # Everything lands in $OUT (check_*.log, bench_*/, bench.log).
 set -u
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
@@ -13,8 +13,9 @@ if ls .whl/fla_core*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/pkgs:/tmp/site
 fi
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-timeout 120 python3 benchmarks/gpu_check_kernels.py 2>&1 | tee "$OUT/check_default.log"
-timeout 80 python3 benchmarks/gpu_check_kernels.py --launch fast_limit=-1 2>&1 | tee "$OUT/check_sub_chunk_only.log"
-timeout 170 python3 benchmarks/bench_kernels.py --out "$OUT/bench_sweep" --methods regla --lengths 8192 --profile --sweep 2>&1 | grep -v -i warn | tee "$OUT/sweep.log"
-timeout 170 python3 benchmarks/bench_kernels.py --out "$OUT/bench_default" 2>&1 | grep -v -i warn | tee "$OUT/bench.log"
-timeout 50 python3 benchmarks/bench_kernels.py --out "$OUT/bench_gate0" --methods regla --lengths 8192 --gate 0,1.5 2>&1 | grep -v -i warn | tee -a "$OUT/bench.log"
+CANDIDATE=(fast_dv_block_v=128 fast_dqk_block_k=32)
+timeout 120 python3 benchmarks/gpu_check_kernels.py > "$OUT/check_default.log" 2>&1
+timeout 120 python3 benchmarks/gpu_check_kernels.py --launch "${CANDIDATE[@]}" > "$OUT/check_candidate.log" 2>&1
+timeout 200 python3 benchmarks/bench_kernels.py --out "$OUT/bench_default" --profile 2>&1 | grep -v -i warn > "$OUT/bench.log"
+timeout 90 python3 benchmarks/bench_kernels.py --out "$OUT/bench_candidate" --methods regla --launch "${CANDIDATE[@]}" 2>&1 | grep -v -i warn >> "$OUT/bench.log"
+tail -1 "$OUT"/check_*.log; grep FAIL "$OUT"/check_*.log; grep -E "profile|^\| [0-9]" "$OUT/bench.log"

@@ -1,27 +1,26 @@
 """Whole-chunk product path of the chunked ReGLA kernels (the common case).
 
 Inside a chunk, the gate factor of a score is exp(b_t - b_s) (b: cumulative log gate from
-the chunk start). Take a reference row r of the chunk and write it as
-exp(b_t - b_r) * exp(b_r - b_s): the intra-chunk scores become ONE masked product
-(phi_q exp(b - b_r)) (phi_k exp(b_r - b))^T, and the state term uses
-phi_q exp(b_t) h = (phi_q exp(b_t - b_r)) (exp(b_r) h). Every factor lies in
-[e^-LIMIT, e^LIMIT] when
+the chunk start). With a reference row r (r = C/2 - 1) it is exp(b_t - b_r) * exp(b_r - b_s),
+so the intra-chunk scores are ONE masked product (phi_q exp(b - b_r)) (phi_k exp(b_r - b))^T,
+and the state term is phi_q exp(b_t) h = (phi_q exp(b_t - b_r)) (exp(b_r) h). Every factor
+lies in [e^-L, e^L] (L = LAUNCH["fast_limit"], 60) when, for every key feature of the chunk,
 
-    b_r >= -LIMIT and b_end - b_r >= -LIMIT   (every key feature of the chunk),
+    b_r >= -L and b_end - b_r >= -L,
 
-which is all that bf16/fp32 products need (their range is e^+-88). Such a chunk is "safe".
-`chunk_gates_kernel` decides it once per chunk and head (a stored flag). All score terms are positive, so the rounding of the two factors to the product dtype
-costs a relative 2^-8 (bf16) on every score, as in any bf16 product; no cancellation.
-Chunks that are not safe (total log decay of some feature below about -2 LIMIT: gates
-near 0) take the sub-chunk kernels of triton_stages.py, with fp32 (tf32) products.
-The flag sends every chunk to exactly one of the two.
+which is all that bf16/fp32 products need (their range is e^+-88). `chunk_gates_kernel`
+decides this once per chunk and head and stores a flag; chunks without it (total log decay
+of some feature below about -2 L: gates near 0) take the sub-chunk kernels of
+triton_stages.py with fp32 (tf32) products. All score terms are positive, so rounding the
+two factors to the product dtype costs a relative 2^-8 (bf16) per score, as in any bf16
+product, with no cancellation.
 
 Backward, gate gradient: with the rounded factors Qr, Kr (the values the products used),
-    d log F_t = sum_{t' >= t} Qr dQ~ (= dq) - sum_{s >= t} Kr dK~ (A part)
+    d log F_t = sum_{t' >= t} Qr dQ~ (= dq) - sum_{s >= t} Kr dK~      (score terms)
               + sum_{s < t} k_end_s * (v_s dh^T) + exp(b_end) * rowsum(h * dh),
-the first two lines cancel exactly for the score pairs that do not straddle t (both
-routes use the same rounded factors), and the state terms are the direct sums (no
-difference of large terms), so bf16 gate gradients keep bf16 accuracy.
+the score terms cancel exactly for the pairs that do not straddle t (both routes use the
+same rounded factors) and the state terms are direct sums, so bf16 gate gradients keep
+bf16 accuracy.
 """
 
 import triton

@@ -173,9 +173,10 @@ def _self_attention_check(rank, cp_size, heads=4, groups=2, head_dim=8, batch=2,
     return errors
 
 
-def _mixer_check(layout="zigzag", batch=2, length=64):
+def _mixer_check(layout="zigzag", batch=2, length=64, backend="torch", head_dim_v=8):
     """ReGLAMixer at Megatron's CP size vs the same weights at CP=1 on the full sequence
-    (same TP): output, input grad and the parameter grads summed over the CP group."""
+    (same TP, same kernel backend): output, input grad and the parameter grads summed over
+    the CP group."""
     import copy
 
     from megatron.core import parallel_state
@@ -192,9 +193,9 @@ def _mixer_check(layout="zigzag", batch=2, length=64):
         hidden_size=32,
         num_attention_heads=2,
         regla_head_dim_k=16,
-        regla_head_dim_v=8,
+        regla_head_dim_v=head_dim_v,
         use_cpu_initialization=True,
-        regla_backend="torch",
+        regla_backend=backend,
         regla_cp_layout=layout,
         context_parallel_size=cp_size,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),

@@ -244,6 +244,24 @@ def test_context_parallel_triton_path_matches_one_process(cp_size, layout):
         assert not bad, bad
 
 
+def _mixer_tp2_cp2_triton(rank, world_size):
+    from distributed import init_parallel
+    from test_context_parallel import _mixer_check
+
+    init_parallel(tp=2, cp=2)
+    return _mixer_check(backend="triton", head_dim_v=16)
+
+
+def test_mixer_tp2_cp2_on_the_triton_kernels_matches_cp1():
+    """ReGLAMixer with regla_backend='triton' at TP=2 x CP=2 (4 gloo processes) against the same
+    weights at CP=1: output, input gradient and every parameter gradient."""
+    from distributed import run_distributed
+
+    for errors in run_distributed(_mixer_tp2_cp2_triton, 4, timeout=400):
+        bad = {name: e for name, e in errors.items() if not e < 2e-5}
+        assert not bad, bad
+
+
 def test_context_parallel_triton_path_detects_a_wrong_layout():
     """Negative control: zigzag-sliced tokens run as contiguous must not match."""
     from distributed import run_distributed
