@@ -19,11 +19,12 @@ Both corrections are exact: the states and state gradients are linear in S_in an
 every gradient, gate logits included, is the one-sequence gradient.
 """
 
-from typing import Optional, Protocol, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from .gating import sequence_key_max
+from .segments import SegmentExchange
 from .triton_chunk import (
     CHUNK_SIZE,
     _bwd_dstates,
@@ -34,18 +35,6 @@ from .triton_chunk import (
     _fwd_states,
     _gates,
 )
-
-
-class SegmentExchange(Protocol):
-    """The communication of `chunk_regla_segments_triton` (one object per call)."""
-
-    def incoming(self, local_states: torch.Tensor, log_decays: torch.Tensor, initial_state: Optional[torch.Tensor]) -> torch.Tensor:
-        """S_in of every local segment [N, H, dk, dv] fp32, from every segment's S_loc [N, H, dk, dv]
-        and Lambda [N, H, dk] (fp32, this process's N local segments)."""
-
-    def outgoing(self, incoming_grads: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(D(i + 1) [N, H, dk, dv] fp32 for every local segment, this process's share of the
-        initial state's gradient or None), from G [N, H, dk, dv] fp32."""
 
 
 def segment_chunk_decays(chunk_decay: torch.Tensor, segments: int) -> Tuple[torch.Tensor, torch.Tensor]:

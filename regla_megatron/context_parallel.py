@@ -4,7 +4,7 @@ Each CP rank holds some segments of every sequence (Megatron's layouts, below). 
 layer output is exactly the one-process output, computed as:
 
 Two implementations of the same math. Triton (CUDA tensors, `backend` "auto" or "triton"):
-`regla_kernels.triton_segments` with `_CPExchange` below: the incoming states and the
+`regla_kernels.chunk_regla_segments` with `_CPExchange` below: the incoming states and the
 state gradients are added inside the kernels (no correction pass); the all-gathers carry
 (S_loc, Lambda) forward and the state gradients backward. Torch (CPU, any backend):
 
@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from regla_kernels import (
     chunk_regla,
+    chunk_regla_segments,
     cp_state_grad_scan,
     cp_state_scan,
     default_scale,
@@ -159,7 +160,7 @@ def cp_key_max(k: torch.Tensor, group) -> torch.Tensor:
 
 
 class _CPExchange:
-    """The communication of the Triton segments path (`regla_kernels.triton_segments`) over a
+    """The communication of the Triton segments path (`regla_kernels.chunk_regla_segments`) over a
     CP group: forward one all-gather of (S_loc, Lambda) and the scan; backward one all-gather
     of the state gradients G and the reverse scan. Local tensors are segment-major [n B, ...]."""
 
@@ -273,10 +274,10 @@ def context_parallel_regla(
     key_max = cp_key_max(k, cp_group)
     q_s, k_s, v_s, z_s, u_s = (_to_segments(x, local) for x in (q, k, v, gate_logits, refine_logits))
     if resolve_backend(backend, q, v) == "triton":
-        from regla_kernels.triton_segments import chunk_regla_segments_triton
-
         exchange = _CPExchange(cp_group, layout, batch)
-        out = chunk_regla_segments_triton(q_s, k_s, v_s, z_s, u_s, scale, key_max.repeat(local, 1), exchange, initial_state)
+        out = chunk_regla_segments(
+            q_s, k_s, v_s, z_s, u_s, exchange, key_max=key_max.repeat(local, 1), scale=scale, initial_state=initial_state
+        )
         return _from_segments(out, local)
     out, states = chunk_regla(
         q_s, k_s, v_s, z_s, u_s, scale=scale, key_max=key_max.repeat(local, 1), output_final_state=True, backend=backend

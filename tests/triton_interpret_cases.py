@@ -131,15 +131,14 @@ class _LocalExchange:
 
 def _by_segments(segments):
     """chunk_regla's signature, computed as `segments` equal segments with the state carried by the exchange."""
-    from regla_kernels import default_scale, sequence_key_max
-    from regla_kernels.triton_segments import chunk_regla_segments_triton
+    from regla_kernels import chunk_regla_segments, sequence_key_max
 
     def run(q, k, v, z, u, initial_state=None, cu_seqlens=None):
         batch, length = q.shape[:2]
         cut = lambda x: x.reshape(batch, segments, length // segments, *x.shape[2:]).transpose(0, 1).flatten(0, 1)
         key_max = sequence_key_max(k).repeat(segments, 1)
         exchange = _LocalExchange(segments)
-        o = chunk_regla_segments_triton(*(cut(x) for x in (q, k, v, z, u)), default_scale(q.shape[-1]), key_max, exchange, initial_state)
+        o = chunk_regla_segments(*(cut(x) for x in (q, k, v, z, u)), exchange, key_max=key_max, initial_state=initial_state)
         return o.reshape(segments, batch, length // segments, *o.shape[2:]).transpose(0, 1).reshape(batch, length, *o.shape[2:]), None
 
     return run
