@@ -36,7 +36,7 @@ def make_inputs(batch, length, with_grad):
     return r(), r(), r(), r(GATE["std"], GATE["mean"]), r(), r()
 
 
-def regla_step(inputs):
+def regla_chunk_call(inputs):
     q, k, v, z, u, _ = inputs
     return chunk_regla(q, k, v, z, u, backend="triton")[0]
 
@@ -88,7 +88,7 @@ def bench(lengths, methods):
         q, k, v, z, u, _ = inputs
         row = {"T": length, "B": batch, "fast_chunks": triton_chunk.fast_chunk_mask(z.detach(), u.detach()).float().mean().item()}
         try:
-            row["regla"] = measure(regla_step, inputs, [q, k, v, z, u]) if "regla" in methods else None
+            row["regla"] = measure(regla_chunk_call, inputs, [q, k, v, z, u]) if "regla" in methods else None
         except Exception as error:
             print(f"regla T={length}: {type(error).__name__}: {error}", flush=True)
         log_gate = refined_log_gate(z.detach(), u.detach()).requires_grad_(True)
@@ -133,7 +133,7 @@ def sweep(length=8192):
         triton_chunk.LAUNCH.clear()
         triton_chunk.LAUNCH.update(base, **change)
         try:
-            fwd_ms, fwd_bwd_ms, peak = measure(regla_step, inputs, list(inputs[:5]))
+            fwd_ms, fwd_bwd_ms, peak = measure(regla_chunk_call, inputs, list(inputs[:5]))
             out.append({"change": change, "fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms})
             print(f"sweep {change}: fwd {fwd_ms:.3f} fwd+bwd {fwd_bwd_ms:.3f}", flush=True)
         except Exception as error:
@@ -151,13 +151,13 @@ def profile(length=8192):
     """Device time per kernel of one forward+backward (torch profiler), longest first."""
     batch = TOKENS // length
     inputs = make_inputs(batch, length, True)
-    do = torch.randn_like(regla_step(inputs).detach())
+    do = torch.randn_like(regla_chunk_call(inputs).detach())
     for _ in range(3):
-        torch.autograd.grad(regla_step(inputs), list(inputs[:5]), do)
+        torch.autograd.grad(regla_chunk_call(inputs), list(inputs[:5]), do)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            torch.autograd.grad(regla_step(inputs), list(inputs[:5]), do)
+            torch.autograd.grad(regla_chunk_call(inputs), list(inputs[:5]), do)
         torch.cuda.synchronize()
     table = {}
     for event in prof.events():

@@ -5,14 +5,9 @@
 #   then CP correctness at CP = 2 (and 4) and the CP benchmark at CP = 1, 2 (, 4).
 # Everything lands in $OUT; about 9 minutes.
 set -u
-export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1 NCCL_NVLS_ENABLE=0 OMP_NUM_THREADS=4
-mkdir -p /tmp/pkgs && ln -sfn "$PWD/kernels" /tmp/pkgs/regla_kernels
-export PYTHONPATH=/tmp/pkgs:$PWD
-if ls .whl/fla_core*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/fla_core*.whl \
-    && export PYTHONPATH=/tmp/pkgs:$PWD:/tmp/site
-fi
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/cp"
+source benchmarks/gpu_env.sh
+export NCCL_NVLS_ENABLE=0 OMP_NUM_THREADS=4
+mkdir -p "$OUT/cp"
 GPUS=$(nvidia-smi -L | wc -l)
 CUDA_VISIBLE_DEVICES=1 timeout 150 python3 benchmarks/gpu_check_kernels.py > "$OUT/check_kernels.log" 2>&1 &
 if [ "$GPUS" -ge 4 ]; then

@@ -5,14 +5,7 @@
 #   bash benchmarks/gpu_run_kernels.sh          (about 6 minutes with fla)
 # Everything lands in $OUT (check_*.log, bench_*/, bench.log).
 set -u
-export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
-mkdir -p /tmp/pkgs && ln -sfn "$PWD/kernels" /tmp/pkgs/regla_kernels
-export PYTHONPATH=/tmp/pkgs
-if ls .whl/fla_core*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/fla_core*.whl \
-    && export PYTHONPATH=/tmp/pkgs:/tmp/site
-fi
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source benchmarks/gpu_env.sh
 CANDIDATE=(fast_dv_block_v=128 fast_dqk_block_k=32)
 timeout 120 python3 benchmarks/gpu_check_kernels.py > "$OUT/check_default.log" 2>&1
 timeout 120 python3 benchmarks/gpu_check_kernels.py --launch "${CANDIDATE[@]}" > "$OUT/check_candidate.log" 2>&1

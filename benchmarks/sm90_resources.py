@@ -63,7 +63,7 @@ def main():
     i32, f32 = "*i32", "*fp32"
     args = dict(q_ptr=p, k_ptr=p, v_ptr=p, z_ptr=p, u_ptr=p, b_ptr=f32, flag_ptr="*i8", kmax_ptr=f32, h_ptr=p, dh_ptr=p,
                 do_ptr=p, o_ptr=p, dq_ptr=p, dk_ptr=p, dv_ptr=p, dz_ptr=p, du_ptr=p, table_ptr=i32, cu_ptr=i32, choff_ptr=i32,
-                h0_ptr=f32, ht_ptr=f32, lt_ptr=f32, dht_ptr=f32, dh0_ptr=f32, bend_ptr=f32, hadd_ptr=f32, hdecay_ptr=f32,
+                h0_ptr=f32, ht_ptr=f32, dht_ptr=f32, dh0_ptr=f32, bend_ptr=f32, hadd_ptr=f32, hdecay_ptr=f32,
                 dhadd_ptr=f32, dhdecay_ptr=f32, scale="fp32", H="i32")
     jobs = []
     jobs.append(("gates", ts.chunk_gates_kernel, dict(DK=d, C=tc.CHUNK_SIZE, BK=min(d, 64), LIMIT=60.0), warps["gates"]))

@@ -172,21 +172,19 @@ def _gates(z, u, cu, table, total):
 
 
 def _fwd_states(k, v, b, key_max, h0, cu, offsets, total, store_final):
-    """States at every chunk start (h); with store_final also the final states (fp32 [N, H, dk, dv])
-    and each sequence's total log decay (fp32 [N, H, dk])."""
+    """States at every chunk start (h); with store_final also the final states (fp32 [N, H, dk, dv])."""
     tokens, heads, dk = k.shape
     dv = v.shape[-1]
     n = cu.numel() - 1
     h = _empty(total, heads, dk, dv, device=k.device, dtype=_state_dtype(k.dtype))
     ht = _empty(n, heads, dk, dv, device=k.device, dtype=torch.float32) if store_final else h
-    lt = _empty(n, heads, dk, device=k.device, dtype=torch.float32) if store_final else h
     bv, bk = _block_v(dv), _block_k(dk)
     chunk_fwd_states_kernel[((dk // bk) * (dv // bv), n * heads)](
-        k, v, b, key_max, h0 if h0 is not None else h, h, ht, lt, cu, offsets,
+        k, v, b, key_max, h0 if h0 is not None else h, h, ht, cu, offsets,
         heads, DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=bv, HAS_H0=h0 is not None, STORE_HT=store_final,
         DT=_dot_dtype(k.dtype), num_warps=LAUNCH["states_warps"], num_stages=LAUNCH["states_stages"],
     )
-    return h, (ht if store_final else None), (lt if store_final else None)
+    return h, (ht if store_final else None)
 
 
 def _carried(carry, like):
@@ -268,7 +266,7 @@ class _ChunkReGLATriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total):
         b, _, flags = _gates(z, u, cu, table, total)
-        h, ht, _ = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, True)
+        h, ht = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, True)
         o = _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total)
         del h
         ctx.save_for_backward(q, k, v, z, u, b, flags, key_max, h0, cu, offsets, table)
@@ -282,7 +280,7 @@ class _ChunkReGLATriton(torch.autograd.Function):
         scale, total = ctx.scale, ctx.total
         do = do.contiguous()
         dht = None if dht is None else dht.float().contiguous()
-        h, _, _ = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, False)
+        h, _ = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, False)
         dh, dh0 = _bwd_dstates(q, b, do, dht, cu, offsets, scale, total, v.shape[-1])
         grads = _bwd_main(q, k, v, z, u, b, flags, key_max, h, dh, do, table, cu, scale, total)
         dinit = None if h0 is None else dh0.to(ctx.h0_dtype)

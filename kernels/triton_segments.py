@@ -37,14 +37,15 @@ from .triton_chunk import (
 )
 
 
-def segment_chunk_decays(chunk_decay: torch.Tensor, segments: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per chunk, the log decay from its segment's start to the chunk start, and from the chunk
-    end to the segment end: two fp32 [chunks, H, dk], from each chunk's own total [chunks, H, dk]
-    (equal-length segments, chunks in segment-major order)."""
+def segment_chunk_decays(chunk_decay: torch.Tensor, segments: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From each chunk's own total log decay [chunks, H, dk] (equal-length segments, chunks in
+    segment-major order): per chunk, the log decay from its segment's start to the chunk start
+    and from the chunk end to the segment end (fp32 [chunks, H, dk] each), and each segment's
+    total Lambda (fp32 [segments, H, dk])."""
     per_segment = chunk_decay.view(segments, -1, *chunk_decay.shape[1:])
     before = per_segment.cumsum(dim=1) - per_segment
     after = per_segment.flip(1).cumsum(dim=1).flip(1) - per_segment
-    return before.reshape(chunk_decay.shape), after.reshape(chunk_decay.shape)
+    return before.reshape(chunk_decay.shape), after.reshape(chunk_decay.shape), per_segment.sum(dim=1)
 
 
 class _SegmentsReGLATriton(torch.autograd.Function):
@@ -52,9 +53,9 @@ class _SegmentsReGLATriton(torch.autograd.Function):
     def forward(ctx, q, k, v, z, u, initial_state, scale, key_max, exchange, cu, offsets, table, total):
         segments = cu.numel() - 1
         b, chunk_decay, flags = _gates(z, u, cu, table, total)
-        h, local_states, log_decays = _fwd_states(k, v, b, key_max, None, cu, offsets, total, True)
+        h, local_states = _fwd_states(k, v, b, key_max, None, cu, offsets, total, True)
+        before, after, log_decays = segment_chunk_decays(chunk_decay, segments)
         incoming = exchange.incoming(local_states, log_decays, initial_state).float().contiguous()
-        before, after = segment_chunk_decays(chunk_decay, segments)
         o = _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, h_carry=(incoming, before))
         del h
         ctx.save_for_backward(q, k, v, z, u, b, flags, key_max, incoming, before, after, cu, offsets, table)
@@ -67,7 +68,7 @@ class _SegmentsReGLATriton(torch.autograd.Function):
         q, k, v, z, u, b, flags, key_max, incoming, before, after, cu, offsets, table = ctx.saved_tensors
         scale, total = ctx.scale, ctx.total
         do = do.contiguous()
-        h, _, _ = _fwd_states(k, v, b, key_max, None, cu, offsets, total, False)
+        h, _ = _fwd_states(k, v, b, key_max, None, cu, offsets, total, False)
         dh, own = _bwd_dstates(q, b, do, None, cu, offsets, scale, total, v.shape[-1])
         at_end, initial_grad = ctx.exchange.outgoing(own)
         grads = _bwd_main(

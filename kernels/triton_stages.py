@@ -102,13 +102,6 @@ def last_row(x, C: tl.constexpr, row: tl.constexpr):
 
 
 @triton.jit
-def sub_chunk_cumsum(log_f, C: tl.constexpr, S: tl.constexpr, DK: tl.constexpr):
-    """Cumulative sum of log F restarted at every sub-chunk of S tokens: [C, DK]."""
-    x = tl.reshape(log_f, (C // S, S, DK))
-    return tl.reshape(tl.cumsum(x, axis=1), (C, DK))
-
-
-@triton.jit
 def load_chunk_cumulative_gates(b_ptr, rows, mask, cols, DK: tl.constexpr):
     """b (chunk cumulative log gate) [C, len(cols)], 0 on padding rows, and b_end [len(cols)].
 
@@ -276,12 +269,12 @@ def chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, C: tl.constexpr):
 
 @triton.jit
 def chunk_fwd_states_kernel(
-    k_ptr, v_ptr, b_ptr, kmax_ptr, h0_ptr, h_ptr, ht_ptr, lt_ptr, cu_ptr, choff_ptr,
+    k_ptr, v_ptr, b_ptr, kmax_ptr, h0_ptr, h_ptr, ht_ptr, cu_ptr, choff_ptr,
     H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, DT: tl.constexpr,
 ):
     """Sequential over chunks, one (BK x BV) block of the state: h[chunk] = state at the chunk
-    start; with STORE_HT the final state ht (fp32) and the sequence's total log decay lt."""
+    start; with STORE_HT the final state ht (fp32)."""
     ik = tl.program_id(0) // (DV // BV)
     iv = tl.program_id(0) % (DV // BV)
     nh = tl.program_id(1)
@@ -296,7 +289,6 @@ def chunk_fwd_states_kernel(
     key_max = tl.load(kmax_ptr + nh).to(tl.float32)
     tile = rk[:, None] * DV + rv[None, :]
     state = tl.zeros([BK, BV], dtype=tl.float32)
-    total = tl.zeros([BK], dtype=tl.float32)
     if HAS_H0:
         state += tl.load(h0_ptr + nh.to(tl.int64) * DK * DV + tile).to(tl.float32)
     for c in range(tl.cdiv(eos - bos, C)):
@@ -308,11 +300,8 @@ def chunk_fwd_states_kernel(
         k_end = load_key_features(k_ptr, rows, mask, key_max, rk, DK) * tl.exp(b_end[None, :] - b)
         v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0)
         state = state * tl.exp(b_end)[:, None] + tl.dot(tl.trans(k_end.to(DT)), v.to(DT))
-        total += b_end
     if STORE_HT:
         tl.store(ht_ptr + nh.to(tl.int64) * DK * DV + tile, state)
-        if iv == 0:
-            tl.store(lt_ptr + nh.to(tl.int64) * DK + rk, total)
 
 
 @triton.jit
