@@ -7,13 +7,15 @@ forward+backward (outputs and gradients included), achieved GB/s over the fewest
 
     python benchmarks/bench_kernels.py [--out DIR] [--lengths 2048,4096] [--sweep] [--methods regla,fla,sdpa]
                                        [--launch fast_dqk_warps=4] [--profile]
-Writes DIR/bench_kernels.json and DIR/results_kernels.md.
+Writes DIR/bench_kernels.json and DIR/results_kernels.md (--sweep: also DIR/kept_launch.txt,
+the picked settings as --launch arguments; --lengths "" skips the table).
 """
 
 import argparse
 import datetime
 import json
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +81,9 @@ def peak_extra_gb(step):
     return (torch.cuda.max_memory_allocated() - base) / 1e9
 
 
-def bench(lengths, methods):
+def bench(lengths, methods, on_row=None):
+    """One row per length: (fwd ms, fwd+bwd ms, peak GB) per method, printed as each is measured;
+    `on_row(rows)` after every length (partial results survive a timeout)."""
     rows = []
     unit = TOKENS * HEADS * DIM * 2  # bytes of one bf16 [B, T, H, d] tensor
     for length in lengths:
@@ -87,60 +91,89 @@ def bench(lengths, methods):
         inputs = make_inputs(batch, length, True)
         q, k, v, z, u, _ = inputs
         row = {"T": length, "B": batch, "fast_chunks": triton_chunk.fast_chunk_mask(z.detach(), u.detach()).float().mean().item()}
-        try:
-            row["regla"] = measure(regla_chunk_call, inputs, [q, k, v, z, u]) if "regla" in methods else None
-        except Exception as error:
-            print(f"regla T={length}: {type(error).__name__}: {error}", flush=True)
-        log_gate = refined_log_gate(z.detach(), u.detach()).requires_grad_(True)
-        try:
-            if "fla" not in methods:
-                raise RuntimeError("skipped")
-            row["fla"] = measure(lambda x: fla_step(x, log_gate), inputs, [q, k, v, log_gate])
-        except Exception as error:
-            print(f"fla T={length} (fp32 log F): {type(error).__name__}: {error}; retrying with bf16 log F", flush=True)
-            log_gate = log_gate.detach().to(torch.bfloat16).requires_grad_(True)
+        for method in methods:
+            started = time.time()
             try:
-                row["fla"] = measure(lambda x: fla_step(x, log_gate), inputs, [q, k, v, log_gate])
+                row[method] = MEASURES[method](inputs)
             except Exception as error:
-                print(f"fla T={length}: {type(error).__name__}: {error}", flush=True)
-        try:
-            if "sdpa" not in methods:
-                raise RuntimeError("skipped")
-            row["sdpa"] = measure(sdpa_step, inputs, [q, k, v])
-        except Exception as error:
-            print(f"sdpa T={length}: {type(error).__name__}: {error}", flush=True)
+                print(f"{method} T={length}: {type(error).__name__}: {str(error)[:300]}", flush=True)
+                continue
+            print(f"{method} T={length}: {row[method]} ({time.time() - started:.0f} s)", flush=True)
         if row.get("regla"):
             row["regla_fwd_GBps"] = 6 * unit / row["regla"][0] / 1e6
             row["regla_fwd_bwd_GBps"] = 17 * unit / row["regla"][1] / 1e6
         print(json.dumps(row), flush=True)
         rows.append(row)
-        del inputs, q, k, v, z, u, log_gate
+        if on_row is not None:
+            on_row(rows)
+        del inputs, q, k, v, z, u
         torch.cuda.empty_cache()
     return rows
 
 
-SWEEP = [{"fast_dqk_block_k": 128, "fast_dqk_warps": 16}, {"fast_dqk_block_k": 32}, {"fast_dv_block_v": 128},
-         {"states_warps": 8}]
+def measure_regla(inputs):
+    return measure(regla_chunk_call, inputs, list(inputs[:5]))
 
 
-def sweep(length=8192):
-    """fwd+bwd ms of changes of the launch settings at one length; keep the fastest (one change)."""
+def measure_fla(inputs):
+    """fla chunk_gla fed log F in fp32 (bf16 if this fla refuses fp32 gates)."""
+    z, u = inputs[3].detach(), inputs[4].detach()
+    for dtype in (torch.float32, torch.bfloat16):
+        log_gate = refined_log_gate(z, u).to(dtype).requires_grad_(True)
+        try:
+            return measure(lambda x: fla_step(x, log_gate), inputs, [*inputs[:3], log_gate])
+        except Exception as error:
+            if dtype == torch.bfloat16:
+                raise
+            print(f"fla with fp32 log F: {type(error).__name__}: {error}; retrying with bf16 log F", flush=True)
+
+
+def measure_sdpa(inputs):
+    return measure(sdpa_step, inputs, list(inputs[:3]))
+
+
+MEASURES = {"regla": measure_regla, "fla": measure_fla, "sdpa": measure_sdpa}
+
+
+# Greedy sweep: each launch setting in turn, its alternatives tried on top of the best so far.
+SWEEP = [
+    ("gates_warps", [16]),
+    ("states_block_k", [32]),
+    ("fast_output_warps", [8]),
+    ("fast_output_block_v", [128]),
+    ("fast_dv_block_v", [64]),
+    ("states_stages", [2]),
+]
+
+
+def sweep(length=8192, gain=0.01):
+    """Greedy search over SWEEP at one length: keep a change when fwd+bwd drops by more than
+    `gain` (relative). Leaves the result in LAUNCH and returns every run."""
     batch = TOKENS // length
     inputs = make_inputs(batch, length, True)
-    base = dict(triton_chunk.LAUNCH)
-    out = []
-    for change in [{}] + SWEEP:
+    best = dict(triton_chunk.LAUNCH)
+
+    def timed(settings):
         triton_chunk.LAUNCH.clear()
-        triton_chunk.LAUNCH.update(base, **change)
-        try:
-            fwd_ms, fwd_bwd_ms, peak = measure(regla_chunk_call, inputs, list(inputs[:5]))
-            out.append({"change": change, "fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms})
-            print(f"sweep {change}: fwd {fwd_ms:.3f} fwd+bwd {fwd_bwd_ms:.3f}", flush=True)
-        except Exception as error:
-            print(f"sweep {change}: {type(error).__name__}: {str(error)[:300]}", flush=True)
-    best = dict(base)
-    if out and out[0]["change"] == {}:
-        best.update(min(out, key=lambda r: r["fwd_bwd_ms"])["change"])
+        triton_chunk.LAUNCH.update(settings)
+        return measure(regla_chunk_call, inputs, list(inputs[:5]))[:2]
+
+    out = []
+    best_ms = timed(best)[1]
+    print(f"sweep base: fwd+bwd {best_ms:.3f}", flush=True)
+    for key, values in SWEEP:
+        for value in values:
+            trial = dict(best, **{key: value})
+            try:
+                fwd_ms, fwd_bwd_ms = timed(trial)
+            except Exception as error:
+                print(f"sweep {key}={value}: {type(error).__name__}: {str(error)[:300]}", flush=True)
+                continue
+            out.append({"change": {key: value}, "fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms})
+            kept = fwd_bwd_ms < best_ms * (1 - gain)
+            print(f"sweep {key}={value}: fwd {fwd_ms:.3f} fwd+bwd {fwd_bwd_ms:.3f}{' kept' if kept else ''}", flush=True)
+            if kept:
+                best, best_ms = trial, fwd_bwd_ms
     triton_chunk.LAUNCH.clear()
     triton_chunk.LAUNCH.update(best)
     print(f"launch settings kept: {best}", flush=True)
@@ -181,7 +214,7 @@ def versions():
 
 
 def markdown(meta, rows):
-    fmt = lambda r, key: "n/a" if key not in r else f"{r[key][0]:.2f} / {r[key][1]:.2f} | {r[key][2]:.2f}"
+    fmt = lambda r, key: "n/a | n/a" if key not in r else f"{r[key][0]:.2f} / {r[key][1]:.2f} | {r[key][2]:.2f}"
     lines = [
         "# ReGLA kernel benchmark",
         "",
@@ -207,7 +240,7 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks"))
     parser.add_argument("--lengths", default="2048,4096,8192,16384,32768")
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--methods", default="regla,fla,sdpa")
+    parser.add_argument("--methods", default="regla,sdpa,fla", help="in this order per length")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--gate", default="2,1", help="gate logit mean,std (default 2,1)")
     parser.add_argument("--launch", nargs="*", help="KEY=VALUE overrides of regla_kernels.triton_chunk.LAUNCH")
@@ -221,19 +254,25 @@ def main():
     meta["launch"] = dict(triton_chunk.LAUNCH)
     print(meta, flush=True)
     result = {"meta": meta}
-    if args.profile:
-        result["profile"] = profile()
     if args.sweep:
         result["sweep"] = sweep()
         meta["launch"] = dict(triton_chunk.LAUNCH)
-    rows = bench([int(x) for x in args.lengths.split(",")], args.methods.split(","))
-    rows = [{key: val for key, val in r.items() if val is not None} for r in rows]
-    result["rows"] = rows
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_kernels.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, "results_kernels.md"), "w") as f:
-        f.write(markdown(meta, rows))
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "kept_launch.txt"), "w") as f:  # --launch arguments of the pick
+            f.write(" ".join(f"{key}={value}" for key, value in triton_chunk.LAUNCH.items()) + "\n")
+
+    def write(rows):
+        result["rows"] = rows
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench_kernels.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        with open(os.path.join(args.out, "results_kernels.md"), "w") as f:
+            f.write(markdown(meta, rows))
+
+    rows = bench([int(x) for x in args.lengths.split(",") if x], [m for m in args.methods.split(",") if m], write)
+    if args.profile:
+        result["profile"] = profile()
+        write(rows)
     print(markdown(meta, rows), flush=True)
 
 

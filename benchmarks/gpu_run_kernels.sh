@@ -1,14 +1,25 @@
 #!/usr/bin/env bash
-# One device call (kind nvidia-h200), carry [".whl"]: GPU check of the committed launch
-# settings and of the next candidate (the final session-2 sweep's picks: dv value block 128,
-# dq/dk key block 32), a per-kernel profile, and the benchmark of both against fla and SDPA.
-#   bash benchmarks/gpu_run_kernels.sh          (about 6 minutes with fla)
-# Everything lands in $OUT (check_*.log, bench_*/, bench.log).
+# One device call (kind nvidia-h200), carry [".whl"]:
+#   SWEEP=1: greedy launch-setting sweep at T = 8K (ReGLA only) -> sweep/kept_launch.txt, then
+#            the GPU check of the picked settings (about 5 minutes with the table);
+#   the GPU check of the committed settings (when there is no checked pick), the per-kernel
+#   profile and the table ReGLA vs fla vs SDPA at 2K-32K with the checked settings (about 7).
+# Everything lands in $OUT (sweep.log, check_*.log, bench/).
 set -u
 source benchmarks/gpu_env.sh
-CANDIDATE=(fast_dv_block_v=128 fast_dqk_block_k=32)
-timeout 120 python3 benchmarks/gpu_check_kernels.py > "$OUT/check_default.log" 2>&1
-timeout 120 python3 benchmarks/gpu_check_kernels.py --launch "${CANDIDATE[@]}" > "$OUT/check_candidate.log" 2>&1
-timeout 200 python3 benchmarks/bench_kernels.py --out "$OUT/bench_default" --profile 2>&1 | grep -v -i warn > "$OUT/bench.log"
-timeout 90 python3 benchmarks/bench_kernels.py --out "$OUT/bench_candidate" --methods regla --launch "${CANDIDATE[@]}" 2>&1 | grep -v -i warn >> "$OUT/bench.log"
-tail -1 "$OUT"/check_*.log; grep FAIL "$OUT"/check_*.log; grep -E "profile|^\| [0-9]" "$OUT/bench.log"
+USE=""
+if [ "${SWEEP:-0}" = 1 ]; then
+  timeout 200 python3 benchmarks/bench_kernels.py --out "$OUT/sweep" --sweep --lengths "" --methods regla 2>&1 | grep -v -i warn > "$OUT/sweep.log"
+  KEPT=$(cat "$OUT/sweep/kept_launch.txt" 2>/dev/null)
+  if [ -n "$KEPT" ] && timeout 240 python3 benchmarks/gpu_check_kernels.py --launch $KEPT > "$OUT/check_kept.log" 2>&1; then
+    USE="$KEPT"
+  fi
+  grep -E "sweep" "$OUT/sweep.log"
+fi
+if [ -z "$USE" ]; then
+  timeout 200 python3 benchmarks/gpu_check_kernels.py > "$OUT/check_default.log" 2>&1
+fi
+echo "table with: ${USE:-committed defaults}"
+timeout 330 python3 benchmarks/bench_kernels.py --out "$OUT/bench" --profile ${USE:+--launch $USE} 2>&1 | grep -v -i warn > "$OUT/bench.log"
+tail -n 2 "$OUT"/check_*.log; grep -h FAIL "$OUT"/check_*.log | cut -c1-250
+grep -E "profile|^\| [0-9]|Error" "$OUT/bench.log"

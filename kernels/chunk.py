@@ -129,7 +129,7 @@ def chunk_regla(
 def _run_per_sequence(function, q, k, v, gate_logits, refine_logits, scale, key_max, initial_state, cu_seqlens, sequences):
     """Run a dense implementation once per packed sequence (or once for a plain batch)."""
     if cu_seqlens is None:
-        if key_max is None:
+        if key_max is None and not getattr(function, "computes_key_max", False):
             key_max = sequence_key_max(k)
         return function(q, k, v, gate_logits, refine_logits, scale, key_max, initial_state)
     bounds = cu_seqlens.tolist()

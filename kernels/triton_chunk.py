@@ -2,15 +2,16 @@
 stabilizer, the refined log gate and the scale fused into the kernels.
 
 Stages (kernels in `triton_stages.py` and `triton_fast.py`):
-  forward : chunk_gates (parallel: cumulative log gate b per chunk from the logits, and
-            one flag per chunk: whole-chunk products or sub-chunk kernels)
+  forward : chunk_gates (parallel: cumulative log gate b per chunk from the logits, one
+            flag per chunk: whole-chunk products or sub-chunk kernels, and the key max)
             chunk_fwd_states (sequential over chunks: state at every chunk start, final state)
-            chunk_fwd_output_fast / chunk_fwd_output (parallel over chunks, by flag)
+            chunk_fwd_output_fast / chunk_fwd_output (parallel over chunks, by flag; they also
+            keep each token's query max for the backward)
   backward: chunk_fwd_states again (recompute the chunk-start states; b is kept)
             chunk_bwd_dstates (reverse over chunks: state gradients, initial-state gradient)
-            chunk_bwd_dv_fast + chunk_bwd_dqk_fast / chunk_bwd_main (parallel, by flag):
-            dq, dk, dv and both gate-logit gradients
-The only pass outside the kernels is the key-max reduction (one max per sequence and head).
+            chunk_bwd_dv_fast (dv and the score gradient dA) + chunk_bwd_dqk_fast /
+            chunk_bwd_main (parallel, by flag): dq, dk, dv and both gate-logit gradients
+No pass runs outside the kernels.
 
 Layout [B, T, H, D] (or B = 1 with `cu_seqlens`), any T (masked, no padding copies),
 bf16/fp16/fp32 inputs, fp32 state and accumulation, dk and dv powers of two in
@@ -24,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gating import refined_log_gate, sequence_key_max
+from .gating import refined_log_gate
 from .triton_fast import chunk_bwd_dqk_fast_kernel, chunk_bwd_dv_fast_kernel, chunk_fwd_output_fast_kernel
 from .triton_stages import (
     chunk_gates_kernel,
@@ -45,12 +46,14 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 LAUNCH = {
     "sub_chunk": SUB_CHUNK_SIZE,
     "gates_warps": 8,
+    "gates_block_k": 64,
     "states_warps": 4,
     "states_stages": 3,
     "output_warps": 8,
     "bwd_warps": 8,
-    "block_v": 64,
-    "block_k": 64,
+    "block_v": 64,  # sub-chunk output kernel
+    "states_block_k": 64,  # the sequential state passes (forward and backward)
+    "states_block_v": 128,
     # Diagonal sub-chunk blocks: with diag_limit >= 0 they take one masked product wherever
     # every sub-chunk's log decay is >= -diag_limit (factors within e^+-diag_limit), else the
     # elementwise loop. -1 means elementwise always: the setting the H200 check passed with
@@ -62,11 +65,11 @@ LAUNCH = {
     "fast_limit": 60.0,
     "fast_output_warps": 4,
     "fast_output_block_v": 64,
-    "fast_dv_warps": 8,
-    "fast_dv_block_v": 64,
+    "fast_dv_warps": 4,
+    "fast_dv_block_v": 128,
     "fast_dqk_warps": 8,
-    "fast_dqk_block_k": 64,
-    "fast_dqk_block_v": 64,
+    "fast_dqk_block_k": 32,
+    "fast_dqk_block_v": 128,
 }
 POISON = os.environ.get("REGLA_TRITON_POISON", "0") == "1"
 
@@ -130,22 +133,23 @@ def _chunk_tables(cu_seqlens: torch.Tensor, chunk: int):
     return offsets.to(torch.int32).contiguous(), table, total
 
 
-def _packed_key_max(k: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """One key max per packed sequence and head: [N, H] (the only separate pass over k)."""
-    rows = k[0].detach().float().amax(dim=-1)  # [T, H]
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    seq = torch.repeat_interleave(torch.arange(len(lengths), device=k.device), lengths)
-    out = torch.full((len(lengths), k.shape[2]), float("-inf"), device=k.device, dtype=torch.float32)
-    return out.scatter_reduce(0, seq[:, None].expand_as(rows), rows, reduce="amax", include_self=True)
-
-
 def _block_v(dv: int) -> int:
     return min(dv, LAUNCH["block_v"])
 
 
-def _block_k(dk: int) -> int:
-    """Key block of the sequential state stages (more programs in flight at long T)."""
-    return min(dk, LAUNCH["block_k"])
+def _state_blocks(dk: int, dv: int, sequences_heads: int) -> Tuple[int, int]:
+    """(key block, value block) of the sequential state passes: key block 32 where the usual
+    one would leave some of the GPU's multiprocessors idle (few long sequences)."""
+    bk, bv = min(dk, LAUNCH["states_block_k"]), min(dv, LAUNCH["states_block_v"])
+    if bk > 32 and sequences_heads * (dk // bk) * (dv // bv) < _multiprocessors():
+        bk = 32
+    return bk, bv
+
+
+def _multiprocessors() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return 1
 
 
 def _bwd_block_v(dv: int) -> int:
@@ -157,18 +161,23 @@ def _fast_limit() -> float:
     return float(LAUNCH["fast_limit"])
 
 
-def _gates(z, u, cu, table, total):
+def _gates(z, u, k, cu, table, total, key_max=None):
     """b (cumulative log gate from each chunk start, fp32 [T, H, dk]), each chunk's total log
-    decay (fp32 [chunks, H, dk]) and the fast-path flags (int8 [chunks, H])."""
+    decay (fp32 [chunks, H, dk]), the fast-path flags (int8 [chunks, H]) and the key max
+    (fp32 [N, H]: `key_max` when given, else computed here from k)."""
     tokens, heads, dk = z.shape
     b = _empty(tokens, heads, dk, device=z.device, dtype=torch.float32)
     chunk_decay = _empty(total, heads, dk, device=z.device, dtype=torch.float32)
     flags = torch.empty(total, heads, device=z.device, dtype=torch.int8)
+    compute_max = key_max is None
+    if compute_max:
+        key_max = torch.full((cu.numel() - 1, heads), float("-inf"), device=z.device, dtype=torch.float32)
     chunk_gates_kernel[(total, heads)](
-        z, u, b, chunk_decay, flags, table, cu, heads, DK=dk, C=CHUNK_SIZE, BK=min(dk, 64), LIMIT=_fast_limit(),
+        z, u, k, b, chunk_decay, flags, key_max, table, cu,
+        heads, DK=dk, C=CHUNK_SIZE, BK=min(dk, LAUNCH["gates_block_k"]), LIMIT=_fast_limit(), KEY_MAX=compute_max,
         num_warps=LAUNCH["gates_warps"], num_stages=1,
     )
-    return b, chunk_decay, flags
+    return b, chunk_decay, flags, key_max
 
 
 def _fwd_states(k, v, b, key_max, h0, cu, offsets, total, store_final):
@@ -178,7 +187,7 @@ def _fwd_states(k, v, b, key_max, h0, cu, offsets, total, store_final):
     n = cu.numel() - 1
     h = _empty(total, heads, dk, dv, device=k.device, dtype=_state_dtype(k.dtype))
     ht = _empty(n, heads, dk, dv, device=k.device, dtype=torch.float32) if store_final else h
-    bv, bk = _block_v(dv), _block_k(dk)
+    bk, bv = _state_blocks(dk, dv, n * heads)
     chunk_fwd_states_kernel[((dk // bk) * (dv // bv), n * heads)](
         k, v, b, key_max, h0 if h0 is not None else h, h, ht, cu, offsets,
         heads, DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=bv, HAS_H0=h0 is not None, STORE_HT=store_final,
@@ -198,42 +207,44 @@ def _carried(carry, like):
 
 
 def _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, h_carry=None):
-    """o [T, H, dv] in q's dtype from the chunk-start states h (plus `h_carry`, see `_carried`)."""
+    """o [T, H, dv] in q's dtype from the chunk-start states h (plus `h_carry`, see `_carried`),
+    and each token's query max (fp32 [T, H], for the backward)."""
     tokens, heads, dk = q.shape
     dv = v.shape[-1]
     o = _empty(tokens, heads, dv, device=q.device, dtype=q.dtype)
+    q_max = _empty(tokens, heads, device=q.device, dtype=torch.float32)
     h_add, h_decay, has_h_add = _carried(h_carry, b)
     if _fast_limit() >= 0:
         chunk_fwd_output_fast_kernel[(total, heads)](
-            q, k, v, b, flags, key_max, h, h_add, h_decay, o, table, cu, scale,
+            q, k, v, b, flags, key_max, h, h_add, h_decay, o, q_max, table, cu, scale,
             heads, DK=dk, DV=dv, C=CHUNK_SIZE, BV=min(dv, LAUNCH["fast_output_block_v"]), DT=_dot_dtype(q.dtype),
             HAS_HADD=has_h_add, num_warps=LAUNCH["fast_output_warps"], num_stages=1,
         )
     bv = _block_v(dv)
     chunk_fwd_output_kernel[(dv // bv, total, heads)](
-        q, k, v, b, flags, key_max, h, h_add, h_decay, o, table, cu, scale,
+        q, k, v, b, flags, key_max, h, h_add, h_decay, o, q_max, table, cu, scale,
         heads, DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BV=bv, DT=tl.float32,
         DIAG_LIMIT=LAUNCH["diag_limit"], HAS_HADD=has_h_add, num_warps=LAUNCH["output_warps"], num_stages=1,
     )
-    return o
+    return o, q_max
 
 
-def _bwd_dstates(q, b, do, dht, cu, offsets, scale, total, dv):
+def _bwd_dstates(q, q_max, b, do, dht, cu, offsets, scale, total, dv):
     """dh (gradient at every chunk end, h's dtype) and dh0 (at each sequence start, fp32 [N, H, dk, dv])."""
     tokens, heads, dk = q.shape
     n = cu.numel() - 1
     dh = _empty(total, heads, dk, dv, device=q.device, dtype=_state_dtype(q.dtype))
     dh0 = _empty(n, heads, dk, dv, device=q.device, dtype=torch.float32)
-    bv, bk = _block_v(dv), _block_k(dk)
+    bk, bv = _state_blocks(dk, dv, n * heads)
     chunk_bwd_dstates_kernel[((dk // bk) * (dv // bv), n * heads)](
-        q, b, do, dht if dht is not None else dh0, dh, dh0, cu, offsets, scale,
+        q, q_max, b, do, dht if dht is not None else dh0, dh, dh0, cu, offsets, scale,
         heads, DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=bv, HAS_DHT=dht is not None, DT=_dot_dtype(q.dtype),
         num_warps=LAUNCH["states_warps"], num_stages=LAUNCH["states_stages"],
     )
     return dh, dh0
 
 
-def _bwd_main(q, k, v, z, u, b, flags, key_max, h, dh, do, table, cu, scale, total, h_carry=None, dh_carry=None):
+def _bwd_main(q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total, h_carry=None, dh_carry=None):
     """dq, dk, dv, dz, du (each in its input's dtype) from h and dh (plus `h_carry`, `dh_carry`, see `_carried`)."""
     tokens, heads, dk = q.shape
     dv = v.shape[-1]
@@ -242,18 +253,20 @@ def _bwd_main(q, k, v, z, u, b, flags, key_max, h, dh, do, table, cu, scale, tot
     dh_add, dh_decay, has_dh_add = _carried(dh_carry, b)
     dq, dk_, dz, du, dv_ = (_empty(*x.shape, device=x.device, dtype=x.dtype) for x in (q, k, z, u, v))
     if _fast_limit() >= 0:
-        bv = min(dv, LAUNCH["fast_dv_block_v"])
-        chunk_bwd_dv_fast_kernel[(dv // bv, total, heads)](
-            q, k, b, flags, key_max, dh, dh_add, dh_decay, do, dv_, table, cu, scale,
-            heads, DK=dk, DV=dv, C=CHUNK_SIZE, BV=bv, DT=dt, HAS_DHADD=has_dh_add,
+        score_grad = torch.empty(total, heads, CHUNK_SIZE, CHUNK_SIZE, device=q.device, dtype=_state_dtype(q.dtype))
+        chunk_bwd_dv_fast_kernel[(total, heads)](
+            q, k, v, b, flags, key_max, dh, dh_add, dh_decay, do, dv_, score_grad, table, cu, scale,
+            heads, DK=dk, DV=dv, C=CHUNK_SIZE, BV=min(dv, LAUNCH["fast_dv_block_v"]), DT=dt, HAS_DHADD=has_dh_add,
             num_warps=LAUNCH["fast_dv_warps"], num_stages=1,
         )
         bk = min(dk, LAUNCH["fast_dqk_block_k"])
         chunk_bwd_dqk_fast_kernel[(dk // bk, total, heads)](
-            q, k, v, z, u, b, flags, key_max, h, h_add, h_decay, dh, dh_add, dh_decay, do, dq, dk_, dz, du, table, cu, scale,
+            q, k, v, z, u, b, flags, key_max, q_max, score_grad, h, h_add, h_decay, dh, dh_add, dh_decay, do,
+            dq, dk_, dz, du, table, cu, scale,
             heads, DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=min(dv, LAUNCH["fast_dqk_block_v"]), DT=dt,
             HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, num_warps=LAUNCH["fast_dqk_warps"], num_stages=1,
         )
+        del score_grad
     chunk_bwd_main_kernel[(total, heads)](
         q, k, v, z, u, b, flags, key_max, h, h_add, h_decay, dh, dh_add, dh_decay, do, dq, dk_, dv_, dz, du, table, cu, scale,
         heads, DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BV=_bwd_block_v(dv), DT=tl.float32,
@@ -265,24 +278,24 @@ def _bwd_main(q, k, v, z, u, b, flags, key_max, h, dh, do, table, cu, scale, tot
 class _ChunkReGLATriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total):
-        b, _, flags = _gates(z, u, cu, table, total)
+        b, _, flags, key_max = _gates(z, u, k, cu, table, total, key_max)
         h, ht = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, True)
-        o = _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total)
+        o, q_max = _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total)
         del h
-        ctx.save_for_backward(q, k, v, z, u, b, flags, key_max, h0, cu, offsets, table)
+        ctx.save_for_backward(q, k, v, z, u, b, flags, key_max, q_max, h0, cu, offsets, table)
         ctx.scale, ctx.total = scale, total
         ctx.h0_dtype = None if h0 is None else h0.dtype
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, z, u, b, flags, key_max, h0, cu, offsets, table = ctx.saved_tensors
+        q, k, v, z, u, b, flags, key_max, q_max, h0, cu, offsets, table = ctx.saved_tensors
         scale, total = ctx.scale, ctx.total
         do = do.contiguous()
         dht = None if dht is None else dht.float().contiguous()
         h, _ = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, False)
-        dh, dh0 = _bwd_dstates(q, b, do, dht, cu, offsets, scale, total, v.shape[-1])
-        grads = _bwd_main(q, k, v, z, u, b, flags, key_max, h, dh, do, table, cu, scale, total)
+        dh, dh0 = _bwd_dstates(q, q_max, b, do, dht, cu, offsets, scale, total, v.shape[-1])
+        grads = _bwd_main(q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total)
         dinit = None if h0 is None else dh0.to(ctx.h0_dtype)
         return (*grads, None, None, dinit, None, None, None, None)
 
@@ -329,18 +342,16 @@ def chunk_regla_triton(
     k, v, gate_logits, refine_logits = (x.to(dtype) for x in (k, v, gate_logits, refine_logits))
     if cu_seqlens is None:
         cu = torch.arange(0, (batch + 1) * length, length, device=q.device, dtype=torch.int32)[: batch + 1]
-        if key_max is None:
-            key_max = sequence_key_max(k)
     else:
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
-        if key_max is None:
-            key_max = _packed_key_max(k, cu)
     offsets, table, total = _chunk_tables(cu, CHUNK_SIZE)
     flat = [x.reshape(batch * length, heads, x.shape[-1]).contiguous() for x in (q, k, v, gate_logits, refine_logits)]
-    key_max = key_max.detach().float().contiguous()
+    if key_max is not None:  # else the gates kernel computes it
+        key_max = key_max.detach().float().contiguous()
     h0 = None if initial_state is None else initial_state.contiguous()
     o, state = _ChunkReGLATriton.apply(*flat, float(scale), key_max, h0, cu, offsets, table, total)
     return o.reshape(batch, length, heads, dv), state
 
 
 chunk_regla_triton.supports_cu_seqlens = True
+chunk_regla_triton.computes_key_max = True

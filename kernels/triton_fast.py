@@ -49,10 +49,11 @@ def key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, rows, mask, rk, DK: tl.constexp
 
 @triton.jit
 def chunk_fwd_output_fast_kernel(
-    q_ptr, k_ptr, v_ptr, b_ptr, flag_ptr, kmax_ptr, h_ptr, hadd_ptr, hdecay_ptr, o_ptr, table_ptr, cu_ptr, scale,
+    q_ptr, k_ptr, v_ptr, b_ptr, flag_ptr, kmax_ptr, h_ptr, hadd_ptr, hdecay_ptr, o_ptr, qmax_ptr, table_ptr, cu_ptr, scale,
     H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, HAS_HADD: tl.constexpr,
 ):
-    """o = scale * (tril(Q~ K~^T) v + Q~ (exp(b_r) h)) for one safe chunk, one head, BV value columns."""
+    """o = scale * (tril(Q~ K~^T) v + Q~ (exp(b_r) h)) for one safe chunk, one head, BV value
+    columns at a time; rowmax q into qmax (fp32 [T, H]) for the backward."""
     ic = tl.program_id(0)
     head = tl.program_id(1)
     n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, C)
@@ -60,7 +61,9 @@ def chunk_fwd_output_fast_kernel(
     rk = tl.arange(0, DK)
     if fast != 0:
         b, b_end, b_ref, phi_k = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, rows, mask, rk, DK, C)
-        q_t = (load_query_features(q_ptr, rows, mask, DK) * tl.exp(b - b_ref[None, :])).to(DT)
+        phi_q, q_max = load_query_features(q_ptr, rows, mask, DK)
+        tl.store(qmax_ptr + rows, q_max, mask=mask)
+        q_t = (phi_q * tl.exp(b - b_ref[None, :])).to(DT)
         k_t = (phi_k * tl.exp(b_ref[None, :] - b)).to(DT)
         A = tl.where(rc[:, None] >= rc[None, :], tl.dot(q_t, tl.trans(k_t)), 0.0).to(DT)
         decay_ref = tl.exp(b_ref)
@@ -74,39 +77,49 @@ def chunk_fwd_output_fast_kernel(
 
 @triton.jit
 def chunk_bwd_dv_fast_kernel(
-    q_ptr, k_ptr, b_ptr, flag_ptr, kmax_ptr, dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dv_ptr, table_ptr, cu_ptr, scale,
+    q_ptr, k_ptr, v_ptr, b_ptr, flag_ptr, kmax_ptr, dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dv_ptr, da_ptr,
+    table_ptr, cu_ptr, scale,
     H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, HAS_DHADD: tl.constexpr,
 ):
-    """dv = (scale tril(Q~ K~^T))^T do + k_end dh for one safe chunk, one head, BV value columns."""
-    iv = tl.program_id(0)
-    ic = tl.program_id(1)
-    head = tl.program_id(2)
+    """dv = (scale tril(Q~ K~^T))^T do + k_end dh for one safe chunk and head (BV value columns
+    at a time), and the score gradient dA = scale tril(do v^T) (DT [C, C] into da, for
+    `chunk_bwd_dqk_fast_kernel`)."""
+    ic = tl.program_id(0)
+    head = tl.program_id(1)
     n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, C)
     rc = tl.arange(0, C)
     rk = tl.arange(0, DK)
-    rv = iv * BV + tl.arange(0, BV)
     if fast != 0:
         b, b_end, b_ref, phi_k = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, rows, mask, rk, DK, C)
         k_t = (phi_k * tl.exp(b_ref[None, :] - b)).to(DT)
         k_end = (phi_k * tl.exp(b_end[None, :] - b)).to(DT)
-        q_t = (load_query_features(q_ptr, rows, mask, DK) * tl.exp(b - b_ref[None, :])).to(DT)
+        phi_q, _ = load_query_features(q_ptr, rows, mask, DK)
+        q_t = (phi_q * tl.exp(b - b_ref[None, :])).to(DT)
         # A^T directly: K~ Q~^T, kept where s <= t (row s, column t)
-        At = tl.where(rc[:, None] <= rc[None, :], tl.dot(k_t, tl.trans(q_t)), 0.0) * scale
-        do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
-        dh = load_state(dh_ptr, ic, n, head, H, rk, rv, DK, DV, dhadd_ptr, dhdecay_ptr, HAS_DHADD).to(DT)
-        dv = tl.dot(At.to(DT), do) + tl.dot(k_end, dh)
-        tl.store(dv_ptr + rows[:, None] * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask[:, None])
+        At = (tl.where(rc[:, None] <= rc[None, :], tl.dot(k_t, tl.trans(q_t)), 0.0) * scale).to(DT)
+        dA = tl.zeros([C, C], dtype=tl.float32)
+        for iv in range(DV // BV):
+            rv = iv * BV + tl.arange(0, BV)
+            do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
+            v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
+            dh = load_state(dh_ptr, ic, n, head, H, rk, rv, DK, DV, dhadd_ptr, dhdecay_ptr, HAS_DHADD).to(DT)
+            dv = tl.dot(At, do) + tl.dot(k_end, dh)
+            tl.store(dv_ptr + rows[:, None] * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask[:, None])
+            dA += tl.dot(do, tl.trans(v))
+        dA = tl.where(rc[:, None] >= rc[None, :], dA * scale, 0.0)
+        tl.store(da_ptr + (ic.to(tl.int64) * H + head) * C * C + rc[:, None] * C + rc[None, :], dA.to(da_ptr.dtype.element_ty))
 
 
 @triton.jit
 def chunk_bwd_dqk_fast_kernel(
-    q_ptr, k_ptr, v_ptr, z_ptr, u_ptr, b_ptr, flag_ptr, kmax_ptr, h_ptr, hadd_ptr, hdecay_ptr,
+    q_ptr, k_ptr, v_ptr, z_ptr, u_ptr, b_ptr, flag_ptr, kmax_ptr, qmax_ptr, da_ptr, h_ptr, hadd_ptr, hdecay_ptr,
     dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dq_ptr, dk_ptr, dz_ptr, du_ptr, table_ptr, cu_ptr, scale,
     H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
     HAS_HADD: tl.constexpr, HAS_DHADD: tl.constexpr,
 ):
     """dq, dk and both gate-logit gradients of one safe chunk, one head, BK key features
-    (every one of them is separable over the key features once dA = do v^T is known)."""
+    (every one of them is separable over the key features once dA is known: it is read from
+    `chunk_bwd_dv_fast_kernel`'s output)."""
     ik = tl.program_id(0)
     ic = tl.program_id(1)
     head = tl.program_id(2)
@@ -116,11 +129,7 @@ def chunk_bwd_dqk_fast_kernel(
     cols = rk[None, :]
     if fast != 0:
         b, b_end, b_ref, phi_k = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, rows, mask, rk, DK, C)
-        k_t = (phi_k * tl.exp(b_ref[None, :] - b)).to(DT)
-        k_end = phi_k * tl.exp(b_end[None, :] - b)
-        q_t = (load_query_features_cols(q_ptr, rows, mask, rk, DK) * tl.exp(b - b_ref[None, :])).to(DT)
         decay_ref = tl.exp(b_ref)
-        dA = tl.zeros([C, C], dtype=tl.float32)
         dq_state = tl.zeros([C, BK], dtype=tl.float32)
         dk_state = tl.zeros([C, BK], dtype=tl.float32)
         g_h = tl.zeros([BK], dtype=tl.float32)
@@ -130,16 +139,17 @@ def chunk_bwd_dqk_fast_kernel(
             do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
             h = load_state(h_ptr, ic, n, head, H, rk, rv, DK, DV, hadd_ptr, hdecay_ptr, HAS_HADD)
             dh = load_state(dh_ptr, ic, n, head, H, rk, rv, DK, DV, dhadd_ptr, dhdecay_ptr, HAS_DHADD)
-            dA += tl.dot(do, tl.trans(v))
             dq_state += tl.dot(do, tl.trans((h * decay_ref[:, None]).to(DT)))
             dk_state += tl.dot(v, tl.trans(dh.to(DT)))
             g_h += tl.sum(h * dh, axis=1)
-        dA = tl.where(rc[:, None] >= rc[None, :], dA * scale, 0.0).to(DT)
+        dA = tl.load(da_ptr + (ic.to(tl.int64) * H + head) * C * C + rc[:, None] * C + rc[None, :])
 
+        k_t = (phi_k * tl.exp(b_ref[None, :] - b)).to(DT)
+        q_t = (load_query_features_cols(q_ptr, qmax_ptr, rows, mask, rk, DK) * tl.exp(b - b_ref[None, :])).to(DT)
         dq = q_t.to(tl.float32) * (dq_state * scale + tl.dot(dA, k_t))
         tl.store(dq_ptr + rows[:, None] * DK + cols, dq.to(dq_ptr.dtype.element_ty), mask=mask[:, None])
         dk_scores = k_t.to(tl.float32) * tl.dot(tl.trans(dA), q_t)
-        dk_end = k_end * dk_state
+        dk_end = phi_k * tl.exp(b_end[None, :] - b) * dk_state
         tl.store(dk_ptr + rows[:, None] * DK + cols, (dk_scores + dk_end).to(dk_ptr.dtype.element_ty), mask=mask[:, None])
 
         store_gate_grads(dq - dk_scores, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, rows, mask, rk, DK)

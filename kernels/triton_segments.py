@@ -23,7 +23,6 @@ from typing import Optional, Tuple
 
 import torch
 
-from .gating import sequence_key_max
 from .segments import SegmentExchange
 from .triton_chunk import (
     CHUNK_SIZE,
@@ -52,27 +51,27 @@ class _SegmentsReGLATriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, z, u, initial_state, scale, key_max, exchange, cu, offsets, table, total):
         segments = cu.numel() - 1
-        b, chunk_decay, flags = _gates(z, u, cu, table, total)
+        b, chunk_decay, flags, key_max = _gates(z, u, k, cu, table, total, key_max)
         h, local_states = _fwd_states(k, v, b, key_max, None, cu, offsets, total, True)
         before, after, log_decays = segment_chunk_decays(chunk_decay, segments)
         incoming = exchange.incoming(local_states, log_decays, initial_state).float().contiguous()
-        o = _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, h_carry=(incoming, before))
+        o, q_max = _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, h_carry=(incoming, before))
         del h
-        ctx.save_for_backward(q, k, v, z, u, b, flags, key_max, incoming, before, after, cu, offsets, table)
+        ctx.save_for_backward(q, k, v, z, u, b, flags, key_max, q_max, incoming, before, after, cu, offsets, table)
         ctx.scale, ctx.total, ctx.exchange = scale, total, exchange
         ctx.initial_dtype = None if initial_state is None else initial_state.dtype
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, z, u, b, flags, key_max, incoming, before, after, cu, offsets, table = ctx.saved_tensors
+        q, k, v, z, u, b, flags, key_max, q_max, incoming, before, after, cu, offsets, table = ctx.saved_tensors
         scale, total = ctx.scale, ctx.total
         do = do.contiguous()
         h, _ = _fwd_states(k, v, b, key_max, None, cu, offsets, total, False)
-        dh, own = _bwd_dstates(q, b, do, None, cu, offsets, scale, total, v.shape[-1])
+        dh, own = _bwd_dstates(q, q_max, b, do, None, cu, offsets, scale, total, v.shape[-1])
         at_end, initial_grad = ctx.exchange.outgoing(own)
         grads = _bwd_main(
-            q, k, v, z, u, b, flags, key_max, h, dh, do, table, cu, scale, total,
+            q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total,
             h_carry=(incoming, before), dh_carry=(at_end.float().contiguous(), after),
         )
         if ctx.initial_dtype is not None and initial_grad is not None:
@@ -113,10 +112,10 @@ def chunk_regla_segments_triton(
     k, v, gate_logits, refine_logits = (x.to(dtype) for x in (k, v, gate_logits, refine_logits))
     cu = torch.arange(0, (segments + 1) * length, length, device=q.device, dtype=torch.int32)[: segments + 1]
     offsets, table, total = _chunk_tables(cu, CHUNK_SIZE)
-    if key_max is None:
-        key_max = sequence_key_max(k)
+    if key_max is not None:  # else the gates kernel takes each segment's own
+        key_max = key_max.detach().float().contiguous()
     flat = [x.reshape(segments * length, heads, x.shape[-1]).contiguous() for x in (q, k, v, gate_logits, refine_logits)]
     o = _SegmentsReGLATriton.apply(
-        *flat, initial_state, float(scale), key_max.detach().float().contiguous(), exchange, cu, offsets, table, total
+        *flat, initial_state, float(scale), key_max, exchange, cu, offsets, table, total
     )
     return o.reshape(segments, length, heads, v.shape[-1])

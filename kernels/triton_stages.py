@@ -72,19 +72,20 @@ def load_chunk_gates(z_ptr, u_ptr, rows, mask, cols, DK: tl.constexpr):
 
 @triton.jit
 def load_query_features(q_ptr, rows, mask, DK: tl.constexpr):
-    """phi_q = exp(q - rowmax q) [C, DK] fp32, 0 on padding rows."""
+    """(phi_q = exp(q - rowmax q) [C, DK] fp32, 0 on padding rows; rowmax q [C] fp32)."""
     cols = tl.arange(0, DK)
     q = tl.load(q_ptr + rows[:, None] * DK + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
-    q = q - tl.max(q, axis=1)[:, None]
-    return tl.where(mask[:, None], tl.exp(q), 0.0)
+    q_max = tl.max(q, axis=1)
+    return tl.where(mask[:, None], tl.exp(q - q_max[:, None]), 0.0), q_max
 
 
 @triton.jit
-def load_query_features_cols(q_ptr, rows, mask, cols, DK: tl.constexpr):
-    """Columns `cols` of phi_q [C, len(cols)] (the row max still over all DK features)."""
-    full = tl.load(q_ptr + rows[:, None] * DK + tl.arange(0, DK)[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+def load_query_features_cols(q_ptr, qmax_ptr, rows, mask, cols, DK: tl.constexpr):
+    """Columns `cols` of phi_q [C, len(cols)], the row max over all DK features read from
+    qmax (fp32 [T, H], stored by the forward output kernels)."""
     q = tl.load(q_ptr + rows[:, None] * DK + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
-    return tl.where(mask[:, None], tl.exp(q - tl.max(full, axis=1)[:, None]), 0.0)
+    q_max = tl.load(qmax_ptr + rows, mask=mask, other=0.0)
+    return tl.where(mask[:, None], tl.exp(q - q_max[:, None]), 0.0)
 
 
 @triton.jit
@@ -220,25 +221,26 @@ def sub_chunk_scores(
     q_ptr, k_ptr, b_ptr, kmax_ptr, n, head, H, rows, mask, start, eos,
     C: tl.constexpr, S: tl.constexpr, DK: tl.constexpr, DT: tl.constexpr, DIAG_LIMIT: tl.constexpr,
 ):
-    """Of a chunk for the sub-chunk kernels: phi_q, phi_k, bw, b [C, DK], b_end [DK], the key max
-    and the unscaled intra-chunk scores A [C, C] (`intra_chunk_scores`)."""
+    """Of a chunk for the sub-chunk kernels: phi_q, phi_k, bw, b [C, DK], b_end [DK], the key max,
+    the unscaled intra-chunk scores A [C, C] (`intra_chunk_scores`) and rowmax q [C]."""
     rk = tl.arange(0, DK)
     key_max = tl.load(kmax_ptr + n * H + head).to(tl.float32)
     bw, b, b_end = load_cumulative_gates(b_ptr, rows, mask, rk, C, S, DK)
-    phi_q = load_query_features(q_ptr, rows, mask, DK)
+    phi_q, q_max = load_query_features(q_ptr, rows, mask, DK)
     phi_k = load_key_features(k_ptr, rows, mask, key_max, rk, DK)
     A = intra_chunk_scores(phi_q, phi_k, b, bw, k_ptr, b_ptr, start, eos, head, H, key_max, C, S, DK, DT, DIAG_LIMIT)
-    return phi_q, phi_k, bw, b, b_end, key_max, A
+    return phi_q, phi_k, bw, b, b_end, key_max, A, q_max
 
 
 @triton.jit
 def chunk_gates_kernel(
-    z_ptr, u_ptr, b_ptr, bend_ptr, flag_ptr, table_ptr, cu_ptr,
-    H, DK: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, LIMIT: tl.constexpr,
+    z_ptr, u_ptr, k_ptr, b_ptr, bend_ptr, flag_ptr, kmax_ptr, table_ptr, cu_ptr,
+    H, DK: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, LIMIT: tl.constexpr, KEY_MAX: tl.constexpr,
 ):
     """One chunk, one head: b = cumulative log F from the chunk start (fp32, valid rows), the
     chunk's total log decay b_end (fp32 [DK]) and the flag of `chunk_fast_path` (int8), key
-    features BK at a time."""
+    features BK at a time. With KEY_MAX also the key max: the chunk's max of k joins its
+    sequence's entry of kmax (fp32 [N, H], -inf before) by an atomic max."""
     ic = tl.program_id(0)
     head = tl.program_id(1)
     n, c, start, eos = chunk_location(table_ptr, cu_ptr, ic, C)
@@ -246,6 +248,7 @@ def chunk_gates_kernel(
     mask = tok < eos
     rows = tok * H + head
     fast = LIMIT >= 0
+    k_max = float("-inf")
     for kb in tl.static_range(DK // BK):
         rk = kb * BK + tl.arange(0, BK)
         b = tl.cumsum(load_chunk_gates(z_ptr, u_ptr, rows, mask, rk, DK), axis=0)
@@ -254,7 +257,12 @@ def chunk_gates_kernel(
         tl.store(bend_ptr + (ic.to(tl.int64) * H + head) * DK + rk, b_end)
         _, fast_block = chunk_fast_path(b, b_end, C, LIMIT)
         fast = fast & fast_block
+        if KEY_MAX:
+            k = tl.load(k_ptr + rows[:, None] * DK + rk[None, :], mask=mask[:, None], other=float("-inf"))
+            k_max = tl.maximum(k_max, tl.max(tl.max(k.to(tl.float32), axis=1), axis=0))
     tl.store(flag_ptr + ic.to(tl.int64) * H + head, fast.to(tl.int8))
+    if KEY_MAX:
+        tl.atomic_max(kmax_ptr + n * H + head, k_max)
 
 
 @triton.jit
@@ -306,11 +314,12 @@ def chunk_fwd_states_kernel(
 
 @triton.jit
 def chunk_fwd_output_kernel(
-    q_ptr, k_ptr, v_ptr, b_ptr, flag_ptr, kmax_ptr, h_ptr, hadd_ptr, hdecay_ptr, o_ptr, table_ptr, cu_ptr, scale,
+    q_ptr, k_ptr, v_ptr, b_ptr, flag_ptr, kmax_ptr, h_ptr, hadd_ptr, hdecay_ptr, o_ptr, qmax_ptr, table_ptr, cu_ptr, scale,
     H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
     DIAG_LIMIT: tl.constexpr, HAS_HADD: tl.constexpr,
 ):
-    """o = scale * (A v + (phi_q * exp(b)) h_start) for one chunk (flag 0), one head, BV value columns."""
+    """o = scale * (A v + (phi_q * exp(b)) h_start) for one chunk (flag 0), one head, BV value
+    columns; rowmax q into qmax (fp32 [T, H]) for the backward."""
     iv = tl.program_id(0)
     ic = tl.program_id(1)
     head = tl.program_id(2)
@@ -318,9 +327,11 @@ def chunk_fwd_output_kernel(
     rk = tl.arange(0, DK)
     rv = iv * BV + tl.arange(0, BV)
     if fast == 0:
-        phi_q, phi_k, bw, b, b_end, key_max, A = sub_chunk_scores(
+        phi_q, phi_k, bw, b, b_end, key_max, A, q_max = sub_chunk_scores(
             q_ptr, k_ptr, b_ptr, kmax_ptr, n, head, H, rows, mask, start, eos, C, S, DK, DT, DIAG_LIMIT
         )
+        if iv == 0:
+            tl.store(qmax_ptr + rows, q_max, mask=mask)
         v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
         h = load_state(h_ptr, ic, n, head, H, rk, rv, DK, DV, hadd_ptr, hdecay_ptr, HAS_HADD).to(DT)
         o = tl.dot(A.to(DT), v) + tl.dot((phi_q * tl.exp(b)).to(DT), h)
@@ -329,7 +340,7 @@ def chunk_fwd_output_kernel(
 
 @triton.jit
 def chunk_bwd_dstates_kernel(
-    q_ptr, b_ptr, do_ptr, dht_ptr, dh_ptr, dh0_ptr, cu_ptr, choff_ptr, scale,
+    q_ptr, qmax_ptr, b_ptr, do_ptr, dht_ptr, dh_ptr, dh0_ptr, cu_ptr, choff_ptr, scale,
     H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_DHT: tl.constexpr, DT: tl.constexpr,
 ):
@@ -358,7 +369,7 @@ def chunk_bwd_dstates_kernel(
         mask = tok < eos
         rows = tok * H + head
         b, b_end = load_chunk_cumulative_gates(b_ptr, rows, mask, rk, DK)
-        q_start = load_query_features_cols(q_ptr, rows, mask, rk, DK) * tl.exp(b) * scale
+        q_start = load_query_features_cols(q_ptr, qmax_ptr, rows, mask, rk, DK) * tl.exp(b) * scale
         do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0)
         dstate = dstate * tl.exp(b_end)[:, None] + tl.dot(tl.trans(q_start.to(DT)), do.to(DT))
     tl.store(dh0_ptr + nh.to(tl.int64) * DK * DV + tile, dstate)
@@ -385,7 +396,7 @@ def chunk_bwd_main_kernel(
     blk = rc // S
     within = rc % S
     if fast == 0:
-        phi_q, phi_k, bw, b, b_end, key_max, A = sub_chunk_scores(
+        phi_q, phi_k, bw, b, b_end, key_max, A, _ = sub_chunk_scores(
             q_ptr, k_ptr, b_ptr, kmax_ptr, n, head, H, rows, mask, start, eos, C, S, DK, DT, DIAG_LIMIT
         )
         At = tl.trans((A * scale).to(DT))

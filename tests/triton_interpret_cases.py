@@ -165,7 +165,9 @@ def test_split_key_and_value_blocks(launch):
     """Sequential state stages split over key and value blocks; the rest over value blocks
     (and the fast dq/dk stage over key blocks)."""
     d = launch.MIN_HEAD_DIM
-    launch.LAUNCH.update(block_k=d, block_v=d, fast_output_block_v=d, fast_dqk_block_k=d, fast_dqk_block_v=d)
+    launch.LAUNCH.update(
+        states_block_k=d, states_block_v=d, block_v=d, fast_output_block_v=d, fast_dv_block_v=d, fast_dqk_block_k=d, fast_dqk_block_v=d, gates_block_k=d
+    )
     _compare(_inputs(2, 150, 2, 2 * d, 2 * d, seed=1), bound=2e-5)
 
 
