@@ -83,6 +83,39 @@ def check(label, batch, length, heads, dk, dv, dtype, logit_scale=1.0, seqlens=N
     return ok
 
 
+def run_segments(inputs, segments, slots, weights):
+    """As `run`, the sequences cut into `segments` segments carried by a LocalSegmentExchange
+    (the context-parallel kernel path on one device); no final state."""
+    from regla_kernels import LocalSegmentExchange, chunk_regla_segments, sequence_key_max
+
+    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+    q, k, v, z, u, h0 = leaves
+    batch, length = q.shape[:2]
+    cut = lambda x: x.reshape(batch, segments, length // segments, *x.shape[2:]).transpose(0, 1).flatten(0, 1)
+    key_max = sequence_key_max(k).repeat(segments, 1)
+    o = chunk_regla_segments(*(cut(x) for x in (q, k, v, z, u)), LocalSegmentExchange(segments, slots), key_max=key_max, initial_state=h0)
+    o = o.reshape(segments, batch, length // segments, *o.shape[2:]).transpose(0, 1).reshape(batch, length, *o.shape[2:])
+    (o.double() * weights[0]).sum().backward()
+    return [o.detach()] + [x.grad for x in leaves]
+
+
+def check_segments(label, batch, length, heads, d, dtype, segments, slots, seed=0):
+    """The segments path against the one-pass torch reference in fp64 (output, all gradients)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    inputs = draw(batch, length, heads, d, d, dtype, 1.0, batch, gen)
+    weights = [torch.randn(batch, length, heads, d, generator=gen, device="cuda", dtype=torch.float64)]
+    got = run_segments(inputs, segments, slots, weights)
+    ref = run("torch", [x.double() for x in inputs], None, weights + [torch.zeros(batch, heads, d, d, device="cuda", dtype=torch.float64)])
+    ref = [ref[0]] + ref[2:]
+    names = [n for n in NAMES if n != "final_state"]
+    errors = {name: rel(a, b) for name, a, b in zip(names, got, ref)}
+    finite = all(bool(torch.isfinite(a).all()) for a in got)
+    ok = finite and all(e < BOUNDS[dtype] for e in errors.values())
+    text = " ".join(f"{n}={e:.1e}" for n, e in errors.items())
+    print(f"{'PASS' if ok else 'FAIL'} {label:38s} bound {BOUNDS[dtype]:.0e} finite={finite} {text}", flush=True)
+    return ok
+
+
 def check_decode(label, batch, heads, dk, dv, dtype, steps=6, seed=0):
     """Triton decode steps against the torch step in fp64 (output, state, running key max)."""
     from regla_kernels import regla_step
@@ -144,6 +177,13 @@ def main():
             while cause.__cause__ is not None:
                 cause = cause.__cause__
             print(f"FAIL {case[0]}: {type(error).__name__}: {str(error)[:300]} / cause {type(cause).__name__}: {str(cause)[-600:]}", flush=True)
+            results.append(False)
+    for label, *case in [("segments 4 slots 4 bf16 B2 T4096 H4 d128", 2, 4096, 4, 128, torch.bfloat16, 4, 4),
+                         ("segments 2 slots 1 fp32 B1 T1920 H2 d64", 1, 1920, 2, 64, torch.float32, 2, 1)]:
+        try:
+            results.append(check_segments(label, *case))
+        except Exception as error:
+            print(f"FAIL {label}: {type(error).__name__}: {str(error)[:300]}", flush=True)
             results.append(False)
     for label, *shape in [("decode bf16 B4 H16 d128", 4, 16, 128, 128, torch.bfloat16), ("decode fp32 B2 H4 dk64 dv128", 2, 4, 64, 128, torch.float32)]:
         try:

@@ -15,11 +15,12 @@ except ImportError:  # pragma: no cover - CPU-only installs without triton
     chunk_regla_triton = None
 else:
     register_backend("triton", chunk_regla_triton, auto=True, supports=triton_supports)
-from .segments import SegmentExchange, chunk_regla_segments
+from .segments import LocalSegmentExchange, SegmentExchange, chunk_regla_segments
 from .state_passing import cp_state_grad_scan, cp_state_scan, inter_segment_output, segment_log_decay
 
 __all__ = [
     "BACKENDS",
+    "LocalSegmentExchange",
     "SegmentExchange",
     "chunk_regla",
     "chunk_regla_segments",

@@ -3,16 +3,25 @@ context parallelism by state passing (REGLA_SPEC section 4). The communication i
 caller's, through a `SegmentExchange`; `regla_megatron.context_parallel` provides one for a
 torch.distributed group."""
 
-from typing import Optional, Protocol, Tuple
+from typing import Callable, Optional, Protocol, Tuple, Union
 
 import torch
 
 from .chunk import _check_inputs
 from .gating import default_scale
+from .state_passing import cp_state_grad_scan, cp_state_scan
 
 
 class SegmentExchange(Protocol):
-    """The communication of `chunk_regla_segments` (one object per call)."""
+    """The communication of `chunk_regla_segments` (one object per call).
+
+    Optional, for overlapping the communication with compute: `slots` (int) and
+    `start_incoming(slot, local_states, log_decays, initial_state)`, returning a function that
+    gives S_in of that slot's segments ([N / slots, H, dk, dv] fp32); slot s holds local
+    segments [s N / slots, (s + 1) N / slots), and is started before slot s + 1 is computed,
+    and waited for before slot s's output. Likewise `start_outgoing(incoming_grads)`, returning
+    a function that gives what `outgoing` returns. Without them, `incoming` and `outgoing`
+    run synchronously."""
 
     def incoming(self, local_states: torch.Tensor, log_decays: torch.Tensor, initial_state: Optional[torch.Tensor]) -> torch.Tensor:
         """S_in of every local segment [N, H, dk, dv] fp32, from every segment's S_loc [N, H, dk, dv]
@@ -23,6 +32,47 @@ class SegmentExchange(Protocol):
         initial state's gradient or None), from G [N, H, dk, dv] fp32."""
 
 
+class LocalSegmentExchange:
+    """The exchange of a group of one: every segment of the sequences is in this process.
+
+    Segment-major local tensors: [S B, ...] for S segments per sequence (in sequence order)
+    and B sequences. With `slots` > 1 (dividing S) it starts each slot's scan as soon as the
+    slot's summaries exist, as a distributed exchange would start its communication.
+    Use it to cut long sequences into segments on one device, or to test an exchange."""
+
+    def __init__(self, segments: int, slots: int = 1):
+        if segments % slots:
+            raise ValueError(f"LocalSegmentExchange: {segments} segments do not split into {slots} slots")
+        self.segments, self.slots = segments, slots
+        self._summaries = []
+
+    def incoming(self, local_states, log_decays, initial_state):
+        shape = (self.segments, -1) + tuple(local_states.shape[1:])
+        self.log_decays = log_decays.view(shape[:-1])
+        return cp_state_scan(local_states.view(shape), self.log_decays, initial_state).flatten(0, 1)
+
+    def start_incoming(self, slot, local_states, log_decays, initial_state):
+        per = self.segments // self.slots
+        self._summaries.append((local_states.reshape(per, -1, *local_states.shape[1:]), log_decays.reshape(per, -1, *log_decays.shape[1:])))
+
+        def wait():
+            states, decays = (torch.cat(parts) for parts in zip(*self._summaries[: slot + 1]))
+            if len(self._summaries) == self.slots:
+                self.log_decays = torch.cat([d for _, d in self._summaries])
+            return cp_state_scan(states, decays, initial_state)[slot * per :].flatten(0, 1)
+
+        return wait
+
+    def outgoing(self, incoming_grads):
+        grads = incoming_grads.view(self.log_decays.shape + incoming_grads.shape[-1:])
+        at_end, initial_grad = cp_state_grad_scan(grads, self.log_decays)
+        return at_end.flatten(0, 1), initial_grad
+
+    def start_outgoing(self, incoming_grads):
+        result = self.outgoing(incoming_grads)
+        return lambda: result
+
+
 def chunk_regla_segments(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -31,7 +81,7 @@ def chunk_regla_segments(
     refine_logits: torch.Tensor,
     exchange: SegmentExchange,
     *,
-    key_max: torch.Tensor,
+    key_max: Union[torch.Tensor, Callable[[], torch.Tensor]],
     scale: Optional[float] = None,
     initial_state: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
@@ -43,13 +93,15 @@ def chunk_regla_segments(
         q, k, gate_logits, refine_logits: [N, L, H, dk]; v: [N, L, H, dv] (the local segments,
             any batch folded into N segment-major).
         exchange: see `SegmentExchange`.
-        key_max: [N, H], each segment's whole-sequence key max (all-reduced over the CP group).
+        key_max: [N, H], each segment's whole-sequence key max (all-reduced over the CP group),
+            or a function returning it, called once the first gates kernel is launched (the
+            all-reduce can run meanwhile).
         scale: score factor; None means alpha = 1 / (e sqrt(dk (e^2 - 1))).
         initial_state: state before each sequence's first token, handed to `exchange.incoming`.
     Returns:
         o [N, L, H, dv] in q's dtype.
     """
-    _check_inputs(q, k, v, gate_logits, refine_logits, key_max, None, None)
+    _check_inputs(q, k, v, gate_logits, refine_logits, key_max if torch.is_tensor(key_max) else None, None, None)
     try:
         from .triton_segments import chunk_regla_segments_triton
     except ImportError as error:  # pragma: no cover - installs without triton

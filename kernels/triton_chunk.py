@@ -161,32 +161,41 @@ def _fast_limit() -> float:
     return float(LAUNCH["fast_limit"])
 
 
-def _gates(z, u, k, cu, table, total, key_max=None):
+def _gates(z, u, k, cu, table, total, key_max=None, out=None, need_key_max=True):
     """b (cumulative log gate from each chunk start, fp32 [T, H, dk]), each chunk's total log
     decay (fp32 [chunks, H, dk]), the fast-path flags (int8 [chunks, H]) and the key max
-    (fp32 [N, H]: `key_max` when given, else computed here from k)."""
+    (fp32 [N, H]: `key_max` when given, else computed here from k, unless need_key_max is
+    False: then None). `out`: the first three preallocated (contiguous views of larger buffers)."""
     tokens, heads, dk = z.shape
-    b = _empty(tokens, heads, dk, device=z.device, dtype=torch.float32)
-    chunk_decay = _empty(total, heads, dk, device=z.device, dtype=torch.float32)
-    flags = torch.empty(total, heads, device=z.device, dtype=torch.int8)
-    compute_max = key_max is None
+    if out is None:
+        out = (
+            _empty(tokens, heads, dk, device=z.device, dtype=torch.float32),
+            _empty(total, heads, dk, device=z.device, dtype=torch.float32),
+            torch.empty(total, heads, device=z.device, dtype=torch.int8),
+        )
+    b, chunk_decay, flags = out
+    compute_max = key_max is None and need_key_max
     if compute_max:
         key_max = torch.full((cu.numel() - 1, heads), float("-inf"), device=z.device, dtype=torch.float32)
     chunk_gates_kernel[(total, heads)](
-        z, u, k, b, chunk_decay, flags, key_max, table, cu,
+        z, u, k, b, chunk_decay, flags, key_max if key_max is not None else b, table, cu,
         heads, DK=dk, C=CHUNK_SIZE, BK=min(dk, LAUNCH["gates_block_k"]), LIMIT=_fast_limit(), KEY_MAX=compute_max,
         num_warps=LAUNCH["gates_warps"], num_stages=1,
     )
     return b, chunk_decay, flags, key_max
 
 
-def _fwd_states(k, v, b, key_max, h0, cu, offsets, total, store_final):
-    """States at every chunk start (h); with store_final also the final states (fp32 [N, H, dk, dv])."""
+def _fwd_states(k, v, b, key_max, h0, cu, offsets, total, store_final, out=None):
+    """States at every chunk start (h); with store_final also the final states (fp32 [N, H, dk, dv]).
+    `out`: (h, final states) preallocated."""
     tokens, heads, dk = k.shape
     dv = v.shape[-1]
     n = cu.numel() - 1
-    h = _empty(total, heads, dk, dv, device=k.device, dtype=_state_dtype(k.dtype))
-    ht = _empty(n, heads, dk, dv, device=k.device, dtype=torch.float32) if store_final else h
+    if out is None:
+        h = _empty(total, heads, dk, dv, device=k.device, dtype=_state_dtype(k.dtype))
+        ht = _empty(n, heads, dk, dv, device=k.device, dtype=torch.float32) if store_final else h
+    else:
+        h, ht = out
     bk, bv = _state_blocks(dk, dv, n * heads)
     chunk_fwd_states_kernel[((dk // bk) * (dv // bv), n * heads)](
         k, v, b, key_max, h0 if h0 is not None else h, h, ht, cu, offsets,
@@ -206,13 +215,14 @@ def _carried(carry, like):
     return state.float().contiguous(), decay.float().contiguous(), True
 
 
-def _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, h_carry=None):
+def _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, h_carry=None, out=None):
     """o [T, H, dv] in q's dtype from the chunk-start states h (plus `h_carry`, see `_carried`),
-    and each token's query max (fp32 [T, H], for the backward)."""
+    and each token's query max (fp32 [T, H], for the backward). `out`: both preallocated."""
     tokens, heads, dk = q.shape
     dv = v.shape[-1]
-    o = _empty(tokens, heads, dv, device=q.device, dtype=q.dtype)
-    q_max = _empty(tokens, heads, device=q.device, dtype=torch.float32)
+    if out is None:
+        out = (_empty(tokens, heads, dv, device=q.device, dtype=q.dtype), _empty(tokens, heads, device=q.device, dtype=torch.float32))
+    o, q_max = out
     h_add, h_decay, has_h_add = _carried(h_carry, b)
     if _fast_limit() >= 0:
         chunk_fwd_output_fast_kernel[(total, heads)](

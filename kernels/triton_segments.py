@@ -6,23 +6,27 @@ before it, S_in(i + 1) = Diag(exp(Lambda_i)) S_in(i) + S_loc(i), where S_loc(i) 
 state from a zero start and Lambda_i its total log decay. Here, for the local segments:
 
 forward : gates and states from a zero start (S_loc, Lambda and the chunk-start states h);
-          `exchange.incoming(S_loc, Lambda, initial_state)` -> S_in (the communication);
+          the exchange turns (S_loc, Lambda) into S_in (the communication);
           the output kernels with h + exp(decay from the segment start to the chunk) S_in,
           added while they load h (no extra pass, no re-run of the state pass).
-backward: states again from a zero start, then the state gradients from this segment's
-          own outputs only (G_i = their gradient w.r.t. S_in(i));
-          `exchange.outgoing(G)` -> D(i + 1), the gradient at each local segment's end,
-          from the reverse scan D(i) = G_i + Diag(exp(Lambda_i)) D(i + 1);
+          With an asynchronous exchange the local segments go in slots (Megatron's zigzag
+          layout: the rank's early and late segment), and each slot's communication runs
+          while the next slot's gates and states, then the previous slot's output, compute.
+backward: the state gradients from this segment's own outputs only (G_i = their gradient
+          w.r.t. S_in(i)); the exchange turns G into D(i + 1), the gradient at each local
+          segment's end, by the reverse scan D(i) = G_i + Diag(exp(Lambda_i)) D(i + 1),
+          while the chunk-start states are recomputed (that pass needs no D);
           the gradient kernels with h as above and dh + exp(decay from the chunk end to
           the segment end) D(i + 1), added while they load dh.
 Both corrections are exact: the states and state gradients are linear in S_in and D, so
 every gradient, gate logits included, is the one-sequence gradient.
 """
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 
+from .gating import sequence_key_max
 from .segments import SegmentExchange
 from .triton_chunk import (
     CHUNK_SIZE,
@@ -33,6 +37,7 @@ from .triton_chunk import (
     _fwd_output,
     _fwd_states,
     _gates,
+    _state_dtype,
 )
 
 
@@ -47,29 +52,71 @@ def segment_chunk_decays(chunk_decay: torch.Tensor, segments: int) -> Tuple[torc
     return before.reshape(chunk_decay.shape), after.reshape(chunk_decay.shape), per_segment.sum(dim=1)
 
 
+class _Slot:
+    """Slot `index` of `count` equal slots: its rows (tokens), chunks and segments, as slices of
+    the flat segment-major tensors (contiguous views: the kernels write into them in place)."""
+
+    def __init__(self, index: int, count: int, tokens: int, chunks: int, segments: int):
+        part = lambda size: slice(index * size // count, (index + 1) * size // count)
+        self.index, self.rows, self.chunks, self.segments = index, part(tokens), part(chunks), part(segments)
+
+
 class _SegmentsReGLATriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, z, u, initial_state, scale, key_max, exchange, cu, offsets, table, total):
-        segments = cu.numel() - 1
-        b, chunk_decay, flags, key_max = _gates(z, u, k, cu, table, total, key_max)
-        h, local_states = _fwd_states(k, v, b, key_max, None, cu, offsets, total, True)
-        before, after, log_decays = segment_chunk_decays(chunk_decay, segments)
-        incoming = exchange.incoming(local_states, log_decays, initial_state).float().contiguous()
-        o, q_max = _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, h_carry=(incoming, before))
+    def forward(ctx, q, k, v, z, u, initial_state, scale, key_max, exchange, cu, offsets, table, total, slots):
+        """Slot by slot (a slot: `segments / slots` whole segments, contiguous in memory): gates and
+        states of every slot, each slot's summaries handed to the exchange as soon as they exist,
+        then each slot's output once its incoming state is known. With an exchange that starts
+        its communication asynchronously (`start_incoming`), slot s's communication runs while
+        slot s + 1's gates and states (and slot s - 1's output) compute."""
+        segments, (tokens, heads, dk), dv = cu.numel() - 1, q.shape, v.shape[-1]
+        new = lambda *shape, dtype=torch.float32: torch.empty(*shape, device=q.device, dtype=dtype)
+        b, chunk_decay, flags = new(tokens, heads, dk), new(total, heads, dk), new(total, heads, dtype=torch.int8)
+        h, local_states = new(total, heads, dk, dv, dtype=_state_dtype(q.dtype)), new(segments, heads, dk, dv)
+        o, q_max = new(tokens, heads, dv, dtype=q.dtype), new(tokens, heads)
+        parts = [_Slot(i, slots, tokens, total, segments) for i in range(slots)]
+        per, chunks = segments // slots, total // slots
+        slot_cu, slot_offsets, slot_table = cu[: per + 1], offsets[:per], table[:chunks]
+
+        waits, befores = [], []
+        for p in parts:
+            rows = lambda x: x[p.rows]
+            known = torch.is_tensor(key_max)
+            out = (rows(b), chunk_decay[p.chunks], flags[p.chunks])
+            _gates(rows(z), rows(u), rows(k), slot_cu, slot_table, chunks, key_max if known else None, out=out, need_key_max=False)
+            if not known:
+                key_max = key_max()  # a collective that ran during the first gates kernel
+            out = (h[p.chunks], local_states[p.segments])
+            _fwd_states(rows(k), rows(v), rows(b), key_max[p.segments], None, slot_cu, slot_offsets, chunks, True, out=out)
+            before, _, log_decays = segment_chunk_decays(chunk_decay[p.chunks], per)
+            befores.append(before)
+            waits.append(_start_incoming(exchange, p.index, local_states[p.segments], log_decays, initial_state))
+        incoming = []
+        for p, wait, before in zip(parts, waits, befores):
+            rows = lambda x: x[p.rows]
+            incoming.append(wait().float().contiguous())
+            _fwd_output(
+                rows(q), rows(k), rows(v), rows(b), flags[p.chunks], key_max[p.segments], h[p.chunks], slot_table, slot_cu,
+                scale, chunks, h_carry=(incoming[-1], before), out=(rows(o), rows(q_max)),
+            )
         del h
-        ctx.save_for_backward(q, k, v, z, u, b, flags, key_max, q_max, incoming, before, after, cu, offsets, table)
+        before, after, _ = segment_chunk_decays(chunk_decay, segments)
+        ctx.save_for_backward(q, k, v, z, u, b, flags, key_max, q_max, torch.cat(incoming), before, after, cu, offsets, table)
         ctx.scale, ctx.total, ctx.exchange = scale, total, exchange
         ctx.initial_dtype = None if initial_state is None else initial_state.dtype
         return o
 
     @staticmethod
     def backward(ctx, do):
+        """The state-gradient pass first (it needs no h), its communication started, the
+        chunk-start states recomputed meanwhile, then the gradient kernels."""
         q, k, v, z, u, b, flags, key_max, q_max, incoming, before, after, cu, offsets, table = ctx.saved_tensors
         scale, total = ctx.scale, ctx.total
         do = do.contiguous()
-        h, _ = _fwd_states(k, v, b, key_max, None, cu, offsets, total, False)
         dh, own = _bwd_dstates(q, q_max, b, do, None, cu, offsets, scale, total, v.shape[-1])
-        at_end, initial_grad = ctx.exchange.outgoing(own)
+        wait = _start_outgoing(ctx.exchange, own)
+        h, _ = _fwd_states(k, v, b, key_max, None, cu, offsets, total, False)
+        at_end, initial_grad = wait()
         grads = _bwd_main(
             q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total,
             h_carry=(incoming, before), dh_carry=(at_end.float().contiguous(), after),
@@ -78,7 +125,22 @@ class _SegmentsReGLATriton(torch.autograd.Function):
             initial_grad = initial_grad.to(ctx.initial_dtype)
         else:
             initial_grad = None
-        return (*grads, initial_grad, None, None, None, None, None, None, None)
+        return (*grads, initial_grad, None, None, None, None, None, None, None, None)
+
+
+def _start_incoming(exchange, slot, local_states, log_decays, initial_state) -> Callable[[], torch.Tensor]:
+    """The exchange's `start_incoming` when it has one; else its `incoming` (one slot only)."""
+    if hasattr(exchange, "start_incoming"):
+        return exchange.start_incoming(slot, local_states, log_decays, initial_state)
+    result = exchange.incoming(local_states, log_decays, initial_state)
+    return lambda: result
+
+
+def _start_outgoing(exchange, incoming_grads) -> Callable[[], Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    if hasattr(exchange, "start_outgoing"):
+        return exchange.start_outgoing(incoming_grads)
+    result = exchange.outgoing(incoming_grads)
+    return lambda: result
 
 
 def chunk_regla_segments_triton(
@@ -88,7 +150,7 @@ def chunk_regla_segments_triton(
     gate_logits: torch.Tensor,
     refine_logits: torch.Tensor,
     scale: float,
-    key_max: Optional[torch.Tensor],
+    key_max: Union[torch.Tensor, Callable[[], torch.Tensor], None],
     exchange: SegmentExchange,
     initial_state: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
@@ -98,11 +160,14 @@ def chunk_regla_segments_triton(
         q, k, gate_logits, refine_logits, v: the local segments, [N, L, H, d] each (dk for
             all but v, dv for v), any batch folded into N segment-major.
         scale: score factor.
-        key_max: [N, H], the key max of each segment's whole sequence (detached); None takes
-            each segment's own, which is right only for segments that are whole sequences.
-        exchange: see `SegmentExchange`.
-        initial_state: handed to `exchange.incoming` (the scan starts from it); its gradient
-            is what `exchange.outgoing` returns for it.
+        key_max: [N, H], the key max of each segment's whole sequence (detached), or a
+            function returning it (called after the first gates kernel, so a collective that
+            produces it overlaps that kernel); None takes each segment's own, which is right
+            only for segments that are whole sequences.
+        exchange: see `SegmentExchange` (its `slots`, when it has `start_incoming`, cuts the
+            N segments into that many groups, processed as `_SegmentsReGLATriton` says).
+        initial_state: handed to the exchange (the scan starts from it); its gradient is
+            what the exchange returns for it.
     Returns:
         o [N, L, H, dv] in q's dtype.
     """
@@ -110,12 +175,20 @@ def chunk_regla_segments_triton(
     segments, length, heads, dk = q.shape
     dtype = q.dtype
     k, v, gate_logits, refine_logits = (x.to(dtype) for x in (k, v, gate_logits, refine_logits))
+    slots = getattr(exchange, "slots", 1) if hasattr(exchange, "start_incoming") else 1
+    if segments % slots:
+        raise ValueError(f"chunk_regla_segments: {segments} segments do not split into the exchange's {slots} slots")
     cu = torch.arange(0, (segments + 1) * length, length, device=q.device, dtype=torch.int32)[: segments + 1]
     offsets, table, total = _chunk_tables(cu, CHUNK_SIZE)
-    if key_max is not None:  # else the gates kernel takes each segment's own
+    if key_max is None:
+        key_max = sequence_key_max(k)
+    if torch.is_tensor(key_max):
         key_max = key_max.detach().float().contiguous()
+    else:
+        pending = key_max
+        key_max = lambda: pending().detach().float().contiguous()
     flat = [x.reshape(segments * length, heads, x.shape[-1]).contiguous() for x in (q, k, v, gate_logits, refine_logits)]
     o = _SegmentsReGLATriton.apply(
-        *flat, initial_state, float(scale), key_max, exchange, cu, offsets, table, total
+        *flat, initial_state, float(scale), key_max, exchange, cu, offsets, table, total, slots
     )
     return o.reshape(segments, length, heads, v.shape[-1])

@@ -161,36 +161,89 @@ def cp_key_max(k: torch.Tensor, group) -> torch.Tensor:
 
 class _CPExchange:
     """The communication of the Triton segments path (`regla_kernels.chunk_regla_segments`) over a
-    CP group: forward one all-gather of (S_loc, Lambda) and the scan; backward one all-gather
-    of the state gradients G and the reverse scan. Local tensors are segment-major [n B, ...]."""
+    CP group: forward an all-gather of (S_loc, Lambda) and the scan; backward one all-gather
+    of the state gradients G and the reverse scan. Local tensors are segment-major [n B, ...].
 
-    def __init__(self, group, layout: str, batch: int):
+    Overlap: the collectives are asynchronous. Backward, the all-gather of G runs while the
+    chunk-start states are recomputed. Forward, with `overlap_forward` (zigzag layout), one
+    all-gather per local segment ("slot"): slot 0 gathers segments 0..CP-1 (each rank's early
+    one) and slot 1 segments CP..2CP-1, so slot 0's incoming state needs only the first
+    all-gather, which runs while slot 1's gates and states compute; the second runs while slot
+    0's output computes. Off by default: on one H200 at B=1 the slot-by-slot forward is 11%
+    slower than the one-pass forward (half the state pass's parallelism, benchmarks/runs/
+    s3_2335/bench_segments.log), far more than an all-gather of a few MB costs."""
+
+    def __init__(self, group, layout: str, batch: int, overlap_forward: bool = False):
         self.group = group
+        self.layout = layout
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.mine = cp_segment_indices(layout, self.rank, self.size)
+        self.slots = len(self.mine) if overlap_forward else 1
         self.batch = batch
         where = {j: r * len(self.mine) + slot for r in range(self.size) for slot, j in enumerate(cp_segment_indices(layout, r, self.size))}
         self.order = [where[j] for j in range(self.size * len(self.mine))]
+        self._pending = []  # (slot, work, gathered summaries [CP, segments in the slot, B, H, dk, dv + 1])
+        self._known = {}  # segment position -> its summary [B, H, dk, dv + 1]
 
-    def _gather_in_order(self, local: torch.Tensor) -> torch.Tensor:
-        local = local.contiguous().view(len(self.mine), self.batch, *local.shape[1:])
-        gathered = local.new_empty((self.size * local.shape[0],) + tuple(local.shape[1:]))
-        dist.all_gather_into_tensor(gathered, local, group=self.group)
-        return gathered[self.order]
+    def _slot_positions(self, slot: int) -> List[int]:
+        per = len(self.mine) // self.slots
+        return self.mine[slot * per : (slot + 1) * per]
 
     def incoming(self, local_states, log_decays, initial_state):
-        dv = local_states.shape[-1]
-        summary = self._gather_in_order(torch.cat([local_states, log_decays.unsqueeze(-1)], dim=-1))
-        self.log_decays = summary[..., dv]
-        incoming = cp_state_scan(summary[..., :dv], self.log_decays, initial_state=initial_state)
-        return incoming[self.mine].flatten(0, 1)
+        return self.start_incoming(0, local_states, log_decays, initial_state)()
+
+    def start_incoming(self, slot, local_states, log_decays, initial_state):
+        summary = torch.cat([local_states, log_decays.unsqueeze(-1)], dim=-1).contiguous()
+        gathered = summary.new_empty((self.size * summary.shape[0],) + tuple(summary.shape[1:]))
+        work = dist.all_gather_into_tensor(gathered, summary, group=self.group, async_op=True)
+        self._pending.append((slot, work, gathered.view(self.size, -1, self.batch, *summary.shape[1:])))
+        return lambda: self._incoming_of(slot, initial_state)
+
+    def _incoming_of(self, slot, initial_state):
+        while self._pending and self._pending[0][0] <= slot:
+            done, work, gathered = self._pending.pop(0)
+            work.wait()
+            for rank in range(self.size):
+                per = gathered.shape[1]
+                positions = cp_segment_indices(self.layout, rank, self.size)[done * per : (done + 1) * per]
+                self._known.update({j: gathered[rank, i] for i, j in enumerate(positions)})
+        wanted = self._slot_positions(slot)
+        summary = torch.stack([self._known[j] for j in range(max(wanted) + 1)])  # every segment up to ours
+        dv = summary.shape[-1] - 1
+        if len(self._known) == self.size * len(self.mine):
+            self.log_decays = torch.stack([self._known[j][..., dv] for j in range(len(self._known))])
+        return cp_state_scan(summary[..., :dv], summary[..., dv], initial_state=initial_state)[wanted].flatten(0, 1)
 
     def outgoing(self, incoming_grads):
-        at_end, initial_grad = cp_state_grad_scan(self._gather_in_order(incoming_grads), self.log_decays)
-        # every rank computes the whole initial-state gradient: rank 0 holds it as its share
-        initial_share = initial_grad if self.rank == 0 else torch.zeros_like(initial_grad)
-        return at_end[self.mine].flatten(0, 1), initial_share
+        return self.start_outgoing(incoming_grads)()
+
+    def start_outgoing(self, incoming_grads):
+        local = incoming_grads.contiguous().view(len(self.mine), self.batch, *incoming_grads.shape[1:])
+        gathered = local.new_empty((self.size * local.shape[0],) + tuple(local.shape[1:]))
+        work = dist.all_gather_into_tensor(gathered, local, group=self.group, async_op=True)
+
+        def finish():
+            work.wait()
+            at_end, initial_grad = cp_state_grad_scan(gathered[self.order], self.log_decays)
+            # every rank computes the whole initial-state gradient: rank 0 holds it as its share
+            initial_share = initial_grad if self.rank == 0 else torch.zeros_like(initial_grad)
+            return at_end[self.mine].flatten(0, 1), initial_share
+
+        return finish
+
+
+def _cp_key_max_async(k: torch.Tensor, group, repeat: int):
+    """Start the all-reduce(MAX) of the local key maxima; returns a function that waits for it
+    and gives the key max repeated for `repeat` local segments ([repeat B, H] fp32)."""
+    key_max = sequence_key_max(k).contiguous()
+    work = dist.all_reduce(key_max, op=dist.ReduceOp.MAX, group=group, async_op=True)
+
+    def finish():
+        work.wait()
+        return key_max.repeat(repeat, 1)
+
+    return finish
 
 
 # --------------------------------------------------------------------------- the layer function
@@ -224,6 +277,7 @@ def context_parallel_regla(
     layout: str = "zigzag",
     backend: str = "auto",
     initial_state: Optional[torch.Tensor] = None,
+    overlap_forward: bool = False,
 ) -> torch.Tensor:
     """`chunk_regla` over a sequence sharded across the context-parallel group.
 
@@ -241,6 +295,10 @@ def context_parallel_regla(
             on every rank. Its gradient on each rank is that rank's share: the sum over
             the CP group is the one-process gradient (as for CP-replicated parameters,
             whose gradients Megatron sums over the DP x CP group).
+        overlap_forward: Triton path, zigzag layout: the forward all-gather per local segment,
+            overlapped with the other segment's compute (see `_CPExchange`; slower unless the
+            state pass has parallelism to spare). The backward's and the key max's collectives
+            overlap compute either way.
     Returns:
         o: [B, T_local, H, dv] in q's dtype, equal to the matching tokens of the
         one-process `chunk_regla` output (up to rounding).
@@ -271,14 +329,13 @@ def context_parallel_regla(
             f"context_parallel_regla: initial_state must be [{batch}, {heads}, {dk}, {dv}], got {tuple(initial_state.shape)}"
         )
 
-    key_max = cp_key_max(k, cp_group)
     q_s, k_s, v_s, z_s, u_s = (_to_segments(x, local) for x in (q, k, v, gate_logits, refine_logits))
     if resolve_backend(backend, q, v) == "triton":
-        exchange = _CPExchange(cp_group, layout, batch)
-        out = chunk_regla_segments(
-            q_s, k_s, v_s, z_s, u_s, exchange, key_max=key_max.repeat(local, 1), scale=scale, initial_state=initial_state
-        )
+        exchange = _CPExchange(cp_group, layout, batch, overlap_forward)
+        key_max = _cp_key_max_async(k, cp_group, local)  # overlaps the first gates kernel
+        out = chunk_regla_segments(q_s, k_s, v_s, z_s, u_s, exchange, key_max=key_max, scale=scale, initial_state=initial_state)
         return _from_segments(out, local)
+    key_max = cp_key_max(k, cp_group)
     out, states = chunk_regla(
         q_s, k_s, v_s, z_s, u_s, scale=scale, key_max=key_max.repeat(local, 1), output_final_state=True, backend=backend
     )

@@ -109,49 +109,83 @@ def test_whole_chunk_products_and_sub_chunk_kernels(fast_limit, launch):
     _compare(inputs, bound=2e-5)
 
 
-class _LocalExchange:
-    """All segments in this process, segment-major [S * B]: the scans of a CP group of one."""
-
-    def __init__(self, segments):
-        self.segments = segments
-
-    def incoming(self, local_states, log_decays, initial_state):
-        from regla_kernels import cp_state_scan
-
-        shape = (self.segments, -1) + tuple(local_states.shape[1:])
-        self.log_decays = log_decays.view(shape[:-1])
-        return cp_state_scan(local_states.view(shape), self.log_decays, initial_state).flatten(0, 1)
-
-    def outgoing(self, incoming_grads):
-        from regla_kernels import cp_state_grad_scan
-
-        at_end, initial_grad = cp_state_grad_scan(incoming_grads.view(self.log_decays.shape + incoming_grads.shape[-1:]), self.log_decays)
-        return at_end.flatten(0, 1), initial_grad
-
-
-def _by_segments(segments):
+def _by_segments(segments, slots=1):
     """chunk_regla's signature, computed as `segments` equal segments with the state carried by the exchange."""
-    from regla_kernels import chunk_regla_segments, sequence_key_max
+    from regla_kernels import LocalSegmentExchange, chunk_regla_segments, sequence_key_max
 
     def run(q, k, v, z, u, initial_state=None, cu_seqlens=None):
         batch, length = q.shape[:2]
         cut = lambda x: x.reshape(batch, segments, length // segments, *x.shape[2:]).transpose(0, 1).flatten(0, 1)
         key_max = sequence_key_max(k).repeat(segments, 1)
-        exchange = _LocalExchange(segments)
+        exchange = LocalSegmentExchange(segments, slots)
         o = chunk_regla_segments(*(cut(x) for x in (q, k, v, z, u)), exchange, key_max=key_max, initial_state=initial_state)
         return o.reshape(segments, batch, length // segments, *o.shape[2:]).transpose(0, 1).reshape(batch, length, *o.shape[2:]), None
 
     return run
 
 
-@pytest.mark.parametrize("segments, fast_limit", [(2, 60.0), (4, 60.0), (3, -1.0)])
-def test_segments_with_carried_states_match_one_pass(segments, fast_limit, launch):
+def _recording_exchange(segments, events):
+    """LocalSegmentExchange with one slot per segment position, recording when each slot's
+    communication starts and is waited for."""
+    from regla_kernels import LocalSegmentExchange
+
+    class Recording(LocalSegmentExchange):
+        def start_incoming(self, slot, *args):
+            events.append(f"start{slot}")
+            wait = super().start_incoming(slot, *args)
+            return lambda: events.append(f"wait{slot}") or wait()
+
+        def start_outgoing(self, incoming_grads):
+            events.append("start_grads")
+            wait = super().start_outgoing(incoming_grads)
+            return lambda: events.append("wait_grads") or wait()
+
+    return Recording(segments, slots=segments)
+
+
+def test_segments_overlap_communication_with_compute(launch, monkeypatch):
+    """With an exchange that starts its communication asynchronously, each slot's exchange is
+    started before the next slot's gates and states and waited for only before its own output,
+    the key max is waited for after the first gates kernel, and the backward's exchange runs
+    while the states are recomputed; the result still equals the one-pass recurrence."""
+    from regla_kernels import chunk_regla_segments, sequence_key_max, triton_segments
+
+    events = []
+    for name, tag in (("_gates", "gates"), ("_fwd_states", "states"), ("_fwd_output", "output"),
+                      ("_bwd_dstates", "dstates"), ("_bwd_main", "grads")):
+        original = getattr(triton_segments, name)
+        monkeypatch.setattr(triton_segments, name, lambda *a, _f=original, _t=tag, **kw: events.append(_t) or _f(*a, **kw))
+    segments, d = 2, launch.MIN_HEAD_DIM
+    inputs = _inputs(2, 48 * segments, 2, d, d, seed=11)
+
+    def run(q, k, v, z, u, initial_state=None, cu_seqlens=None):
+        batch, length = q.shape[:2]
+        cut = lambda x: x.reshape(batch, segments, length // segments, *x.shape[2:]).transpose(0, 1).flatten(0, 1)
+        key_max = lambda: events.append("key_max") or sequence_key_max(k).repeat(segments, 1)
+        exchange = _recording_exchange(segments, events)
+        o = chunk_regla_segments(*(cut(x) for x in (q, k, v, z, u)), exchange, key_max=key_max, initial_state=initial_state)
+        return o.reshape(segments, batch, length // segments, *o.shape[2:]).transpose(0, 1).reshape(batch, length, *o.shape[2:]), None
+
+    got = _run_with(run, inputs)
+    assert events == [
+        "gates", "key_max", "states", "start0", "gates", "states", "start1", "wait0", "output", "wait1", "output",
+        "dstates", "start_grads", "states", "wait_grads", "grads",
+    ], events
+    ref = _run("naive", [x.double() for x in inputs], with_state=False)
+    for name, a, b in zip(NAMES, got, ref):
+        if name != "final_state":
+            assert ((a.double() - b).norm() / b.norm()).item() < 2e-5, name
+
+
+@pytest.mark.parametrize("segments, slots, fast_limit", [(2, 1, 60.0), (4, 2, 60.0), (3, 1, -1.0), (3, 3, 17.0)])
+def test_segments_with_carried_states_match_one_pass(segments, slots, fast_limit, launch):
     """Context parallelism's kernel path: equal segments, zero-state passes, the states and
-    state gradients carried by the exchange and added inside the kernels."""
+    state gradients carried by the exchange and added inside the kernels; with slots > 1 the
+    forward goes a group of segments at a time (the overlapped exchange's order)."""
     d = launch.MIN_HEAD_DIM
     launch.LAUNCH.update(fast_limit=fast_limit)
     inputs = _inputs(2, 48 * segments, 2, 2 * d, d, seed=7 + segments)
-    got = _run_with(_by_segments(segments), inputs)
+    got = _run_with(_by_segments(segments, slots), inputs)
     ref = _run("naive", [x.double() for x in inputs], with_state=False)
     for name, a, b in zip(NAMES, got, ref):
         if name == "final_state":
@@ -207,7 +241,7 @@ def test_auto_backend_stays_on_torch_for_cpu_tensors():
     assert resolve_backend("triton", x, x) == "triton"
 
 
-def _triton_cp_errors(rank, cp_size, data_layout, claimed_layout):
+def _triton_cp_errors(rank, cp_size, data_layout, claimed_layout, overlap_forward=False):
     """Relative errors of context_parallel_regla (Triton kernels, gloo) against the one-process
     fp64 recurrence: output, every input gradient, and the initial state's summed shares."""
     import functools
@@ -223,7 +257,8 @@ def _triton_cp_errors(rank, cp_size, data_layout, claimed_layout):
     cut = functools.partial(get_batch_cp_slice, cp_rank=rank, cp_size=cp_size, layout=data_layout, seq_dim=1)
     local = [cut(x).requires_grad_(True) for x in inputs[:5]] + [inputs[5].clone().requires_grad_(True)]
     out = context_parallel_regla(
-        *local[:5], cp_group=torch.distributed.group.WORLD, layout=claimed_layout, backend="triton", initial_state=local[5]
+        *local[:5], cp_group=torch.distributed.group.WORLD, layout=claimed_layout, backend="triton", initial_state=local[5],
+        overlap_forward=overlap_forward,
     )
     (out.double() * cut(weight)).sum().backward()
     state_grad = local[5].grad.clone()
@@ -235,12 +270,13 @@ def _triton_cp_errors(rank, cp_size, data_layout, claimed_layout):
     return errors
 
 
-@pytest.mark.parametrize("cp_size, layout", [(2, "zigzag"), (2, "contiguous"), (4, "zigzag")])
-def test_context_parallel_triton_path_matches_one_process(cp_size, layout):
-    """The Triton segments path through context_parallel_regla with gloo: exact at CP > 1."""
+@pytest.mark.parametrize("cp_size, layout, overlap_forward", [(2, "zigzag", False), (2, "contiguous", False), (4, "zigzag", True)])
+def test_context_parallel_triton_path_matches_one_process(cp_size, layout, overlap_forward):
+    """The Triton segments path through context_parallel_regla with gloo: exact at CP > 1, with the
+    forward's one all-gather or its per-slot all-gathers (overlap_forward)."""
     from distributed import run_distributed
 
-    for errors in run_distributed(_triton_cp_errors, cp_size, layout, layout):
+    for errors in run_distributed(_triton_cp_errors, cp_size, layout, layout, overlap_forward):
         bad = {name: e for name, e in errors.items() if not e < 2e-5}
         assert not bad, bad
 
