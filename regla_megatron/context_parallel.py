@@ -108,6 +108,44 @@ def get_batch_cp_slice(
     return torch.cat(pieces, dim=seq_dim)
 
 
+def thd_cp_indices(cu_seqlens: torch.Tensor, cp_rank: int, cp_size: int, layout: str = "zigzag") -> torch.Tensor:
+    """Positions of this rank's tokens in a packed (THD) batch: every sequence cut in 2 CP
+    ("zigzag", the layout of TransformerEngine's `thd_get_partitioned_indices`, which Megatron's
+    `get_thd_batch_on_this_cp_rank` uses) or CP ("contiguous") equal chunks, this rank's chunks
+    of each sequence in sequence order.
+
+    Args:
+        cu_seqlens: [N + 1] int offsets of the packed sequences (padded: every length divisible
+            by the number of chunks).
+    Returns:
+        int64 [T / CP] (on cu_seqlens' device).
+    """
+    segments = cp_num_segments(layout, cp_size)
+    bounds = [int(b) for b in cu_seqlens.tolist()]
+    pieces = []
+    for n, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if (end - start) % segments:
+            raise ValueError(
+                f"packed sequence {n} has {end - start} tokens; {layout} context parallelism over {cp_size} ranks "
+                f"needs every packed sequence length divisible by {segments} (pad them: cu_seqlens_q_padded)"
+            )
+        part = (end - start) // segments
+        pieces += [torch.arange(start + j * part, start + (j + 1) * part) for j in cp_segment_indices(layout, cp_rank, cp_size)]
+    return torch.cat(pieces).to(cu_seqlens.device)
+
+
+def get_thd_cp_slice(
+    tensor: torch.Tensor, cu_seqlens: torch.Tensor, cp_rank: int, cp_size: int, layout: str = "zigzag", seq_dim: int = 1
+) -> torch.Tensor:
+    """This rank's tokens of a packed (THD) tensor, per sequence as `thd_cp_indices` says.
+
+    Returns:
+        The local tensor (a new tensor), T / CP along `seq_dim`; its local offsets are
+        cu_seqlens / CP.
+    """
+    return tensor.index_select(seq_dim, thd_cp_indices(cu_seqlens, cp_rank, cp_size, layout).to(tensor.device))
+
+
 # --------------------------------------------------------------------------- collectives
 
 
@@ -181,8 +219,6 @@ class _CPExchange:
         self.mine = cp_segment_indices(layout, self.rank, self.size)
         self.slots = len(self.mine) if overlap_forward else 1
         self.batch = batch
-        where = {j: r * len(self.mine) + slot for r in range(self.size) for slot, j in enumerate(cp_segment_indices(layout, r, self.size))}
-        self.order = [where[j] for j in range(self.size * len(self.mine))]
         self._pending = []  # (slot, work, gathered summaries [CP, segments in the slot, B, H, dk, dv + 1])
         self._known = {}  # segment position -> its summary [B, H, dk, dv + 1]
 
@@ -225,7 +261,7 @@ class _CPExchange:
 
         def finish():
             work.wait()
-            at_end, initial_grad = cp_state_grad_scan(gathered[self.order], self.log_decays)
+            at_end, initial_grad = cp_state_grad_scan(_in_sequence_order(gathered, self.layout, self.size), self.log_decays)
             # every rank computes the whole initial-state gradient: rank 0 holds it as its share
             initial_share = initial_grad if self.rank == 0 else torch.zeros_like(initial_grad)
             return at_end[self.mine].flatten(0, 1), initial_share
@@ -278,6 +314,7 @@ def context_parallel_regla(
     backend: str = "auto",
     initial_state: Optional[torch.Tensor] = None,
     overlap_forward: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """`chunk_regla` over a sequence sharded across the context-parallel group.
 
@@ -299,6 +336,9 @@ def context_parallel_regla(
             overlapped with the other segment's compute (see `_CPExchange`; slower unless the
             state pass has parallelism to spare). The backward's and the key max's collectives
             overlap compute either way.
+        cu_seqlens: packed sequences (B = 1): this rank's LOCAL offsets [N + 1], each
+            sequence's local tokens laid out as `thd_cp_indices` says (the global offsets / CP).
+            One state and one key max per sequence; initial_state is then [N, H, dk, dv].
     Returns:
         o: [B, T_local, H, dv] in q's dtype, equal to the matching tokens of the
         one-process `chunk_regla` output (up to rounding).
@@ -309,8 +349,12 @@ def context_parallel_regla(
     cp_size = 1 if cp_group is None else dist.get_world_size(cp_group)
     if cp_size == 1:
         return chunk_regla(
-            q, k, v, gate_logits, refine_logits, scale=scale, initial_state=initial_state, backend=backend
+            q, k, v, gate_logits, refine_logits, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, backend=backend
         )[0]
+    if cu_seqlens is not None:
+        return _packed_context_parallel_regla(
+            q, k, v, gate_logits, refine_logits, cu_seqlens, scale, cp_group, layout, backend, initial_state
+        )
     if q.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"context_parallel_regla: q and v must be [B, T_local, H, d], got {tuple(q.shape)} and {tuple(v.shape)}"
@@ -342,17 +386,68 @@ def context_parallel_regla(
     decays = segment_log_decay(z_s, u_s).to(states.dtype)
     summary = torch.cat([states, decays.unsqueeze(-1)], dim=-1).view(local, batch, heads, dk, dv + 1)
 
-    gathered = all_gather_cp(summary, cp_group)  # [cp_size * local, ...] in rank order
-    where = {
-        j: rank * local + slot
-        for rank in range(cp_size)
-        for slot, j in enumerate(cp_segment_indices(layout, rank, cp_size))
-    }
-    in_order = gathered[[where[j] for j in range(cp_size * local)]]
+    in_order = _in_sequence_order(all_gather_cp(summary, cp_group), layout, cp_size)
     incoming = cp_state_scan(in_order[..., :dv], in_order[..., dv], initial_state=initial_state)
 
     correction = inter_segment_output(q_s, z_s, u_s, incoming[mine].reshape(local * batch, heads, dk, dv), scale)
     return _from_segments((out.to(correction.dtype) + correction).to(q.dtype), local)
+
+
+def _in_sequence_order(gathered: torch.Tensor, layout: str, cp_size: int) -> torch.Tensor:
+    """All-gathered per-rank segments [CP * n, ...] (rank order) -> sequence order."""
+    local = gathered.shape[0] // cp_size
+    where = {j: r * local + slot for r in range(cp_size) for slot, j in enumerate(cp_segment_indices(layout, r, cp_size))}
+    return gathered[[where[j] for j in range(cp_size * local)]]
+
+
+def _packed_key_max(k: torch.Tensor, bounds: List[int]) -> torch.Tensor:
+    """Local key max of each packed sequence: [N, H] (fp32, fp64 for fp64 k)."""
+    rows = k[0].detach().amax(dim=-1)  # [T, H]
+    dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
+    return torch.stack([rows[a:b].amax(dim=0) for a, b in zip(bounds[:-1], bounds[1:])]).to(dtype)
+
+
+def _packed_context_parallel_regla(q, k, v, gate_logits, refine_logits, cu_seqlens, scale, group, layout, backend, initial_state):
+    """Packed sequences under CP (B = 1): the rank's segments of every sequence (two for zigzag)
+    from a zero state through `chunk_regla` with one cu_seqlens entry per segment, one
+    all-gather of their (S_loc, Lambda), a scan per sequence, and the inter-segment correction
+    per segment (PyTorch; any backend for the local pass)."""
+    cp_size, rank = dist.get_world_size(group), dist.get_rank(group)
+    mine = cp_segment_indices(layout, rank, cp_size)
+    local = len(mine)
+    if q.dim() != 4 or q.shape[0] != 1:
+        raise ValueError(f"context_parallel_regla: packed sequences (cu_seqlens) need B = 1, got q of shape {tuple(q.shape)}")
+    bounds = [int(b) for b in cu_seqlens.tolist()]
+    if bounds[0] != 0 or bounds[-1] != q.shape[1]:
+        raise ValueError(f"context_parallel_regla: cu_seqlens must rise from 0 to the local length {q.shape[1]}, got {bounds}")
+    for n, length in enumerate(b - a for a, b in zip(bounds[:-1], bounds[1:])):
+        if length <= 0 or length % local:
+            raise ValueError(
+                f"context_parallel_regla: packed sequence {n} has {length} local tokens; {layout} context parallelism "
+                f"needs a positive local length divisible by {local} per sequence (global length divisible by "
+                f"{cp_num_segments(layout, cp_size)}: pad the sequences)"
+            )
+    sequences, heads, dk, dv = len(bounds) - 1, q.shape[2], q.shape[3], v.shape[-1]
+    spans = [(a + i * (b - a) // local, a + (i + 1) * (b - a) // local) for a, b in zip(bounds[:-1], bounds[1:]) for i in range(local)]
+    segment_cu = torch.tensor([0] + [end for _, end in spans], device=q.device, dtype=torch.int32)
+
+    key_max = _packed_key_max(k, bounds).contiguous()
+    dist.all_reduce(key_max, op=dist.ReduceOp.MAX, group=group)
+    out, states = chunk_regla(
+        q, k, v, gate_logits, refine_logits, scale=scale, key_max=key_max.repeat_interleave(local, dim=0),
+        output_final_state=True, cu_seqlens=segment_cu, backend=backend,
+    )
+    decays = torch.cat([segment_log_decay(gate_logits[:, a:b], refine_logits[:, a:b]) for a, b in spans]).to(states.dtype)
+    summary = torch.cat([states, decays.unsqueeze(-1)], dim=-1).view(sequences, local, heads, dk, dv + 1).transpose(0, 1)
+    in_order = _in_sequence_order(all_gather_cp(summary.contiguous(), group), layout, cp_size)
+    incoming = cp_state_scan(in_order[..., :dv], in_order[..., dv], initial_state=initial_state)[mine]
+    incoming = incoming.transpose(0, 1).reshape(sequences * local, heads, dk, dv)  # memory order
+    corrections = [
+        inter_segment_output(q[:, a:b], gate_logits[:, a:b], refine_logits[:, a:b], incoming[i : i + 1], scale)
+        for i, (a, b) in enumerate(spans)
+    ]
+    correction = torch.cat(corrections, dim=1)
+    return (out.to(correction.dtype) + correction).to(q.dtype)
 
 
 __all__ = [
@@ -365,4 +460,6 @@ __all__ = [
     "cp_segment_indices",
     "cp_token_positions",
     "get_batch_cp_slice",
+    "get_thd_cp_slice",
+    "thd_cp_indices",
 ]

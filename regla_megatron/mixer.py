@@ -212,19 +212,30 @@ class ReGLAMixer(MegatronModule):
         """The recurrence on [b, s, Hl, d] views; returns o [b, s, Hl, dv]."""
         backend = self.config.regla_backend
         if self.cp_size > 1:
-            if packed_seq_params is not None:
-                raise NotImplementedError(
-                    "ReGLA with packed sequences under context parallelism is not supported yet; "
-                    "use context_parallel_size=1 or unpacked batches"
-                )
             context_parallel_regla = _import_context_parallel()
             return context_parallel_regla(
                 q, k, v, z, u,
                 scale=self.scale, cp_group=self.cp_group, layout=self.config.regla_cp_layout, backend=backend,
+                cu_seqlens=self._local_cu_seqlens(packed_seq_params, q.shape[0], q.shape[1]),
             )
         cu_seqlens = _packed_cu_seqlens(packed_seq_params, q.shape[0])
         out, _ = chunk_regla(q, k, v, z, u, scale=self.scale, cu_seqlens=cu_seqlens, backend=backend)
         return out
+
+    def _local_cu_seqlens(self, packed_seq_params, batch: int, local_length: int) -> Optional[torch.Tensor]:
+        """This CP rank's offsets of the packed sequences: Megatron's (global, padded) / CP, as
+        TransformerEngine's THD partitioning lays each sequence's chunks out (None: not packed)."""
+        cu_seqlens = _packed_cu_seqlens(packed_seq_params, batch)
+        if cu_seqlens is None:
+            return None
+        segments = 2 * self.cp_size if self.config.regla_cp_layout == "zigzag" else self.cp_size
+        if int(cu_seqlens[-1]) != local_length * self.cp_size or bool((cu_seqlens % segments).any()):
+            raise ValueError(
+                f"ReGLAMixer: packed sequences under context parallelism need every sequence length divisible by "
+                f"{segments} ({self.config.regla_cp_layout} layout, CP={self.cp_size}; Megatron pads them into "
+                f"cu_seqlens_q_padded) and {local_length * self.cp_size} tokens in all; got offsets {cu_seqlens.tolist()}"
+            )
+        return cu_seqlens // self.cp_size
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata: Optional[dict] = None):
         """As MegatronModule's, except that `gate_bias` is TP-split on axis 0 (global [H, 2 dk]).

@@ -173,7 +173,39 @@ def _self_attention_check(rank, cp_size, heads=4, groups=2, head_dim=8, batch=2,
     return errors
 
 
-def _mixer_check(layout="zigzag", batch=2, length=64, backend="torch", head_dim_v=8):
+PACKED_LENGTHS = [16, 40, 8]  # every length divisible by 2 CP for CP <= 4
+
+
+def _packed_regla_check(rank, cp_size, data_layout, claimed_layout, backend="torch", dv=SHAPE["dv"]):
+    """Packed sequences (B = 1, one state and key max per sequence) cut per sequence as
+    `data_layout` and run as `claimed_layout`, against one process with cu_seqlens."""
+    from regla_kernels import chunk_regla
+    from regla_megatron.context_parallel import context_parallel_regla, get_thd_cp_slice
+
+    total = sum(PACKED_LENGTHS)
+    cu = torch.tensor([0] + PACKED_LENGTHS).cumsum(0).to(torch.int32)
+    tensors, _, weight = _regla_inputs(1, total, SHAPE["heads"], SHAPE["dk"], dv, seed=4)
+    states = torch.randn(len(PACKED_LENGTHS), SHAPE["heads"], SHAPE["dk"], dv, generator=torch.Generator().manual_seed(8))
+    full = [x.clone().requires_grad_(True) for x in tensors + [states]]
+    ref_out, _ = chunk_regla(*full[:5], initial_state=full[5], cu_seqlens=cu, backend="torch")
+    (ref_out * weight).sum().backward()
+
+    cut = functools.partial(get_thd_cp_slice, cu_seqlens=cu, cp_rank=rank, cp_size=cp_size, layout=data_layout, seq_dim=1)
+    local = [cut(x).requires_grad_(True) for x in tensors] + [states.clone().requires_grad_(True)]
+    out = context_parallel_regla(
+        *local[:5], cp_group=torch.distributed.group.WORLD, layout=claimed_layout, backend=backend,
+        initial_state=local[5], cu_seqlens=cu // cp_size,
+    )
+    (out * cut(weight)).sum().backward()
+    state_grad = local[5].grad.clone()
+    torch.distributed.all_reduce(state_grad)
+    errors = {"output": rel_error(out, cut(ref_out))}
+    errors.update({name: rel_error(x.grad, cut(ref.grad)) for name, x, ref in zip(NAMES, local, full)})
+    errors["initial_state"] = rel_error(state_grad, full[5].grad)
+    return errors
+
+
+def _mixer_check(layout="zigzag", batch=2, length=64, backend="torch", head_dim_v=8, packed=False):
     """ReGLAMixer at Megatron's CP size vs the same weights at CP=1 on the full sequence
     (same TP, same kernel backend): output, input grad and the parameter grads summed over
     the CP group."""
@@ -213,12 +245,21 @@ def _mixer_check(layout="zigzag", batch=2, length=64, backend="torch", head_dim_
     hidden = torch.randn(length, batch, 32, generator=gen)
     weight = torch.randn(length, batch, 32, generator=gen)
     cut = functools.partial(get_batch_cp_slice, cp_rank=cp_rank, cp_size=cp_size, layout=layout, seq_dim=0)
+    packing = {}
+    if packed:  # Megatron's THD batch: B = 1, offsets in PackedSeqParams, sliced per sequence under CP
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        from regla_megatron.context_parallel import get_thd_cp_slice
+
+        cu = torch.tensor([0] + PACKED_LENGTHS).cumsum(0).to(torch.int32)
+        packing["packed_seq_params"] = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+        cut = functools.partial(get_thd_cp_slice, cu_seqlens=cu, cp_rank=cp_rank, cp_size=cp_size, layout=layout, seq_dim=0)
 
     full_hidden = hidden.clone().requires_grad_(True)
-    ref_out, _ = reference(full_hidden, attention_mask=None)
+    ref_out, _ = reference(full_hidden, attention_mask=None, **packing)
     (ref_out * weight).sum().backward()
     local_hidden = cut(hidden).requires_grad_(True)
-    out, _ = sharded(local_hidden, attention_mask=None)
+    out, _ = sharded(local_hidden, attention_mask=None, **packing)
     (out * cut(weight)).sum().backward()
 
     errors = {"output": rel_error(out, cut(ref_out)), "hidden": rel_error(local_hidden.grad, cut(full_hidden.grad))}
@@ -267,6 +308,45 @@ def _error_messages(rank, cp_size):
     return messages
 
 
+def _packed_error_messages(rank, cp_size):
+    """Packed sequences under CP whose lengths do not split: the layer function and the mixer."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from regla_megatron.context_parallel import context_parallel_regla
+
+    x = torch.randn(1, 6, 1, 4)
+    bad_cu = torch.tensor([0, 3, 6], dtype=torch.int32)
+    messages = {}
+    try:
+        context_parallel_regla(x, x, x, x, x, cp_group=torch.distributed.group.WORLD, cu_seqlens=bad_cu)
+        messages["packed_layer"] = "no error"
+    except ValueError as error:
+        messages["packed_layer"] = str(error)
+    mixer = _tiny_mixer()
+    try:
+        cu = torch.tensor([0, 6, 12], dtype=torch.int32)
+        mixer(torch.randn(6, 1, 32), attention_mask=None, packed_seq_params=PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu))
+        messages["packed_mixer"] = "no error"
+    except ValueError as error:
+        messages["packed_mixer"] = str(error)
+    return messages
+
+
+def _tiny_mixer():
+    from megatron.core import parallel_state
+    from megatron.core.transformer.spec_utils import build_module
+
+    from regla_megatron.config import ReGLAConfig
+    from regla_megatron.specs import get_regla_layer_spec
+
+    config = ReGLAConfig(
+        num_layers=1, hidden_size=32, num_attention_heads=2, regla_head_dim_k=16, regla_head_dim_v=8,
+        use_cpu_initialization=True, regla_backend="torch",
+        context_parallel_size=parallel_state.get_context_parallel_world_size(),
+    )
+    return build_module(get_regla_layer_spec("local").submodules.self_attention, config=config, layer_number=1)
+
+
 def _megatron_slice_check(rank, cp_size):
     """get_batch_cp_slice('zigzag') == Megatron's get_batch_on_this_cp_rank (cp_group explicit)."""
     from regla_megatron.context_parallel import get_batch_cp_slice, megatron_cp_batch
@@ -291,6 +371,11 @@ def _cp_worker(rank, world_size):
         results["errors"] = _error_messages(rank, world_size)
         results["bf16"] = _bf16_strided_check(rank, world_size)
         results["mixer/zigzag"] = _mixer_check()
+        results["mixer/packed_zigzag"] = _mixer_check(batch=1, length=sum(PACKED_LENGTHS), packed=True)
+        results["packed/contiguous"] = _packed_regla_check(rank, world_size, "contiguous", "contiguous")
+        results["packed/negative_control"] = _packed_regla_check(rank, world_size, "zigzag", "contiguous")
+        results["errors"].update(_packed_error_messages(rank, world_size))
+    results["packed/zigzag"] = _packed_regla_check(rank, world_size, "zigzag", "zigzag")
     if world_size == 4:  # CP over a subgroup of the world, next to TP
         from megatron.core import parallel_state
 
@@ -377,6 +462,46 @@ def test_clear_errors():
     messages = cp_results(2)["errors"]
     assert "divisible by 2" in messages["odd_zigzag"] and "T_local=5" in messages["odd_zigzag"], messages
     assert "unknown context-parallel layout 'ring'" in messages["layout"], messages
+
+
+@pytest.mark.parametrize("cp_size,layout", [(2, "zigzag"), (4, "zigzag"), (2, "contiguous")])
+def test_packed_sequences_under_cp_match_one_process(cp_size, layout):
+    """Packed sequences (THD, B = 1) cut per sequence as TransformerEngine's partitioning does:
+    output and every gradient, each sequence's initial state included, equal one process."""
+    errors = cp_results(cp_size)[f"packed/{layout}"]
+    bad = {q: e for q, e in errors.items() if e > RTOL}
+    assert not bad, f"CP={cp_size} packed {layout}: rel errors above {RTOL}: {bad}"
+
+
+def test_packed_negative_control_wrong_layout_is_detected():
+    errors = cp_results(2)["packed/negative_control"]
+    assert errors["output"] > 1e-2, errors
+
+
+def test_packed_mixer_under_cp_matches_one_process():
+    """ReGLAMixer with Megatron's PackedSeqParams at CP=2 (zigzag per sequence) equals CP=1."""
+    errors = cp_results(2)["mixer/packed_zigzag"]
+    bad = {q: e for q, e in errors.items() if e > RTOL}
+    assert not bad, f"packed ReGLAMixer under CP: rel errors above {RTOL}: {bad}"
+
+
+def test_packed_errors_under_cp():
+    messages = cp_results(2)["errors"]
+    assert "packed sequence 0 has 3 local tokens" in messages["packed_layer"], messages
+    assert "divisible by 4" in messages["packed_mixer"] and "cu_seqlens_q_padded" in messages["packed_mixer"], messages
+
+
+def test_thd_slices_partition_each_sequence():
+    from regla_megatron.context_parallel import thd_cp_indices
+
+    cu = torch.tensor([0, 8, 24, 32])
+    for layout, size in (("zigzag", 2), ("zigzag", 4), ("contiguous", 4)):
+        parts = [thd_cp_indices(cu, rank, size, layout) for rank in range(size)]
+        assert sorted(torch.cat(parts).tolist()) == list(range(32))
+    # zigzag CP=2, rank 0: chunks 0 and 3 of every sequence
+    assert thd_cp_indices(cu, 0, 2).tolist() == [0, 1, 6, 7, 8, 9, 10, 11, 20, 21, 22, 23, 24, 25, 30, 31]
+    with pytest.raises(ValueError, match="packed sequence 0 has 8 tokens.*divisible by 32"):
+        thd_cp_indices(cu, 0, 16)
 
 
 def test_bf16_strided_inputs():

@@ -245,9 +245,9 @@ def test_context_parallel_hands_views_and_options_to_state_passing(megatron_sing
 
     calls = []
 
-    def fake_context_parallel_regla(q, k, v, gate_logits, refine_logits, *, scale, cp_group, layout, backend):
+    def fake_context_parallel_regla(q, k, v, gate_logits, refine_logits, *, scale, cp_group, layout, backend, cu_seqlens):
         calls.append(dict(shapes=[tuple(x.shape) for x in (q, k, v, gate_logits, refine_logits)],
-                          scale=scale, cp_group=cp_group, layout=layout, backend=backend))
+                          scale=scale, cp_group=cp_group, layout=layout, backend=backend, cu_seqlens=cu_seqlens))
         return torch.zeros(*v.shape, dtype=q.dtype)
 
     monkeypatch.setattr(cp_module, "context_parallel_regla", fake_context_parallel_regla)
@@ -257,6 +257,7 @@ def test_context_parallel_hands_views_and_options_to_state_passing(megatron_sing
     (call,) = calls
     assert call["shapes"] == [(BATCH, SEQ, HEADS, DK)] * 2 + [(BATCH, SEQ, HEADS, DV)] + [(BATCH, SEQ, HEADS, DK)] * 2
     assert call["layout"] == "contiguous" and call["backend"] == "torch" and call["cp_group"] is mixer.cp_group
+    assert call["cu_seqlens"] is None  # not packed
     assert call["scale"] == pytest.approx(1.0 / (math.e * math.sqrt(DK * (math.e**2 - 1.0))))
 
 

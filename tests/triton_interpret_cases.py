@@ -299,6 +299,22 @@ def test_mixer_tp2_cp2_on_the_triton_kernels_matches_cp1():
         assert not bad, bad
 
 
+def _packed_cp_triton(rank, world_size):
+    from test_context_parallel import _packed_regla_check
+
+    return _packed_regla_check(rank, world_size, "zigzag", "zigzag", backend="triton", dv=16)
+
+
+def test_packed_sequences_under_cp_on_the_triton_kernels():
+    """Packed sequences under CP=2 (zigzag per sequence) with the Triton kernels for the local
+    passes (gloo): output and every gradient against one process on the PyTorch path."""
+    from distributed import run_distributed
+
+    for errors in run_distributed(_packed_cp_triton, 2):
+        bad = {name: e for name, e in errors.items() if not e < 2e-5}
+        assert not bad, bad
+
+
 def test_context_parallel_triton_path_detects_a_wrong_layout():
     """Negative control: zigzag-sliced tokens run as contiguous must not match."""
     from distributed import run_distributed
