@@ -72,6 +72,8 @@ REGLA_OPTIONS = (
            ("auto", "triton", "torch")),
     Option("cp-layout", str, "Sequence layout under context parallelism: zigzag is what "
            "Megatron's get_batch_on_this_cp_rank produces.", ("zigzag", "contiguous")),
+    Option("cp-overlap-forward", _bool, "Under CP (Triton, zigzag): the forward state all-gather per "
+           "segment, overlapped with the other segment's compute (off by default; for slow links)."),
 )
 
 

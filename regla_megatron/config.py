@@ -66,6 +66,12 @@ class ReGLAConfig(TransformerConfig):
     """Sequence layout under context parallelism: 'zigzag' (Megatron's load-balanced
     2*CP-chunk layout) or 'contiguous'."""
 
+    regla_cp_overlap_forward: bool = False
+    """Triton path under CP, zigzag: the forward's state all-gather one segment at a time, each
+    overlapped with the other segment's compute. Off by default: on one H200 it cost more (half
+    the state pass's parallelism per launch) than an NVLink all-gather of the few MB takes;
+    worth trying over slow links. The backward's all-gather overlaps compute either way."""
+
     def __post_init__(self):
         super().__post_init__()
         if self.regla_num_heads is None:

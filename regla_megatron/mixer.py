@@ -217,6 +217,7 @@ class ReGLAMixer(MegatronModule):
                 q, k, v, z, u,
                 scale=self.scale, cp_group=self.cp_group, layout=self.config.regla_cp_layout, backend=backend,
                 cu_seqlens=self._local_cu_seqlens(packed_seq_params, q.shape[0], q.shape[1]),
+                overlap_forward=self.config.regla_cp_overlap_forward,
             )
         cu_seqlens = _packed_cu_seqlens(packed_seq_params, q.shape[0])
         out, _ = chunk_regla(q, k, v, z, u, scale=self.scale, cu_seqlens=cu_seqlens, backend=backend)

@@ -245,9 +245,11 @@ def test_context_parallel_hands_views_and_options_to_state_passing(megatron_sing
 
     calls = []
 
-    def fake_context_parallel_regla(q, k, v, gate_logits, refine_logits, *, scale, cp_group, layout, backend, cu_seqlens):
+    def fake_context_parallel_regla(q, k, v, gate_logits, refine_logits, *, scale, cp_group, layout, backend, cu_seqlens,
+                                    overlap_forward):
         calls.append(dict(shapes=[tuple(x.shape) for x in (q, k, v, gate_logits, refine_logits)],
-                          scale=scale, cp_group=cp_group, layout=layout, backend=backend, cu_seqlens=cu_seqlens))
+                          scale=scale, cp_group=cp_group, layout=layout, backend=backend, cu_seqlens=cu_seqlens,
+                          overlap_forward=overlap_forward))
         return torch.zeros(*v.shape, dtype=q.dtype)
 
     monkeypatch.setattr(cp_module, "context_parallel_regla", fake_context_parallel_regla)
@@ -257,7 +259,7 @@ def test_context_parallel_hands_views_and_options_to_state_passing(megatron_sing
     (call,) = calls
     assert call["shapes"] == [(BATCH, SEQ, HEADS, DK)] * 2 + [(BATCH, SEQ, HEADS, DV)] + [(BATCH, SEQ, HEADS, DK)] * 2
     assert call["layout"] == "contiguous" and call["backend"] == "torch" and call["cp_group"] is mixer.cp_group
-    assert call["cu_seqlens"] is None  # not packed
+    assert call["cu_seqlens"] is None and call["overlap_forward"] is False  # not packed; the default
     assert call["scale"] == pytest.approx(1.0 / (math.e * math.sqrt(DK * (math.e**2 - 1.0))))
 
 
