@@ -63,6 +63,9 @@ class ByteCounter:
             setattr(dist, name, original)
 
 
+OVERLAP = [False]  # --overlap-forward
+
+
 def measure(step, warmup=10, rep=60):
     return do_bench(step, warmup=warmup, rep=rep, return_mode="median")
 
@@ -75,10 +78,10 @@ def row_for(share, world, rank):
 
     def cp_forward():
         with torch.no_grad():
-            context_parallel_regla(*local, cp_group=dist.group.WORLD, layout="zigzag")
+            context_parallel_regla(*local, cp_group=dist.group.WORLD, layout="zigzag", overlap_forward=OVERLAP[0])
 
     def cp_step():
-        out = context_parallel_regla(*local, cp_group=dist.group.WORLD, layout="zigzag")
+        out = context_parallel_regla(*local, cp_group=dist.group.WORLD, layout="zigzag", overlap_forward=OVERLAP[0])
         torch.autograd.grad(out, local, local_grad)
 
     def one_gpu_forward():
@@ -112,12 +115,15 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--tokens-per-gpu", type=int, nargs="*", default=[32768, 65536, 131072, 262144])
+    parser.add_argument("--overlap-forward", action="store_true", help="the forward all-gather per zigzag segment")
     args = parser.parse_args()
+    OVERLAP[0] = args.overlap_forward
     dist.init_process_group("nccl")
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     rank, world = dist.get_rank(), dist.get_world_size()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, "cp": world,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "rows": []}
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "rows": [],
+            "overlap_forward": args.overlap_forward}
     for share in args.tokens_per_gpu:
         try:
             row = row_for(share, world, rank)
@@ -129,7 +135,8 @@ def main():
             meta["rows"].append(row)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"bench_cp_n{world}.json"), "w") as handle:
+        suffix = "_overlap" if args.overlap_forward else ""
+        with open(os.path.join(args.out, f"bench_cp_n{world}{suffix}.json"), "w") as handle:
             json.dump(meta, handle, indent=1)
     dist.destroy_process_group()
 

@@ -28,16 +28,21 @@ def main():
         "nothing beyond the per-GPU share. Bytes: what the collectives deliver to each rank per layer",
         "(forward + backward), counted during one step; independent of P.",
         "",
-        "| tokens per GPU | CP | CP fwd / fwd+bwd ms | one GPU, same share, fwd / fwd+bwd ms | efficiency fwd+bwd (fwd) | bytes per layer | peak GB |",
-        "|---|---|---|---|---|---|---|",
+        "Forward overlap: 'yes' rows ran with the forward all-gather per zigzag segment (`--overlap-forward`).",
+        "",
+        "| tokens per GPU | CP | forward overlap | CP fwd / fwd+bwd ms | one GPU, same share, fwd / fwd+bwd ms | efficiency fwd+bwd (fwd) | bytes per layer | peak GB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    rows = sorted((r for run in runs for r in run["rows"]), key=lambda r: (r["tokens_per_gpu"], r["cp"]))
+    for run in runs:
+        for r in run["rows"]:
+            r["overlap"] = "yes" if run.get("overlap_forward") else "no"
+    rows = sorted((r for run in runs for r in run["rows"]), key=lambda r: (r["tokens_per_gpu"], r["cp"], r["overlap"]))
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['tokens_per_gpu']} | {r['cp']} | {r['error']} | | | | |")
+            lines.append(f"| {r['tokens_per_gpu']} | {r['cp']} | {r['overlap']} | {r['error']} | | | | |")
             continue
         lines.append(
-            f"| {r['tokens_per_gpu']} | {r['cp']} | {r['cp_fwd_ms']:.2f} / {r['cp_fwd_bwd_ms']:.2f} | "
+            f"| {r['tokens_per_gpu']} | {r['cp']} | {r['overlap']} | {r['cp_fwd_ms']:.2f} / {r['cp_fwd_bwd_ms']:.2f} | "
             f"{r['one_gpu_share_fwd_ms']:.2f} / {r['one_gpu_share_fwd_bwd_ms']:.2f} | {r['efficiency']:.3f} ({r['efficiency_fwd']:.3f}) | "
             f"{r['bytes_received_per_layer'] / 1e6:.2f} MB | {r['peak_gb']:.2f} |"
         )

@@ -40,6 +40,9 @@ def draw(total, dtype, seed):
     return [x.to(dtype) for x in (q, k, v, z, u)], grad.to(dtype)
 
 
+OVERLAP = [False]  # --overlap-forward
+
+
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -47,7 +50,7 @@ def rel(a, b):
 def check(total, dtype, rank, world):
     inputs, grad = draw(total, dtype, seed=1000 + total)
     local = [get_batch_cp_slice(x, rank, world).requires_grad_(True) for x in inputs]
-    out = context_parallel_regla(*local, cp_group=dist.group.WORLD, layout="zigzag")
+    out = context_parallel_regla(*local, cp_group=dist.group.WORLD, layout="zigzag", overlap_forward=OVERLAP[0])
     out.backward(get_batch_cp_slice(grad, rank, world))
     pieces = [out.detach()] + [x.grad for x in local]
     gathered = []
@@ -81,7 +84,7 @@ def time_layer(share, world, rank):
     def cp_step():
         for x in local:
             x.grad = None
-        context_parallel_regla(*local, cp_group=dist.group.WORLD, layout="zigzag").backward(local_grad)
+        context_parallel_regla(*local, cp_group=dist.group.WORLD, layout="zigzag", overlap_forward=OVERLAP[0]).backward(local_grad)
 
     def single_step():
         for x in local:
@@ -102,6 +105,7 @@ def main():
     parser.add_argument("--check-lengths", type=int, nargs="*", default=[8192, 32768 + 4096])
     parser.add_argument("--tokens-per-gpu", type=int, nargs="*", default=[32768, 65536])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--overlap-forward", action="store_true", help="the forward all-gather per zigzag segment")
     args = parser.parse_args()
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
