@@ -34,6 +34,7 @@ from .triton_chunk import (
     _bwd_main,
     _check,
     _chunk_tables,
+    _empty,
     _fwd_output,
     _fwd_states,
     _gates,
@@ -70,8 +71,9 @@ class _SegmentsReGLATriton(torch.autograd.Function):
         its communication asynchronously (`start_incoming`), slot s's communication runs while
         slot s + 1's gates and states (and slot s - 1's output) compute."""
         segments, (tokens, heads, dk), dv = cu.numel() - 1, q.shape, v.shape[-1]
-        new = lambda *shape, dtype=torch.float32: torch.empty(*shape, device=q.device, dtype=dtype)
-        b, chunk_decay, flags = new(tokens, heads, dk), new(total, heads, dk), new(total, heads, dtype=torch.int8)
+        new = lambda *shape, dtype=torch.float32: _empty(*shape, device=q.device, dtype=dtype)  # NaN under POISON
+        b, chunk_decay = new(tokens, heads, dk), new(total, heads, dk)
+        flags = torch.empty(total, heads, device=q.device, dtype=torch.int8)
         h, local_states = new(total, heads, dk, dv, dtype=_state_dtype(q.dtype)), new(segments, heads, dk, dv)
         o, q_max = new(tokens, heads, dv, dtype=q.dtype), new(tokens, heads)
         parts = [_Slot(i, slots, tokens, total, segments) for i in range(slots)]
