@@ -10,7 +10,7 @@ import argparse
 import torch
 from triton.testing import do_bench
 
-from regla_kernels import LocalSegmentExchange, chunk_regla, chunk_regla_segments, sequence_key_max
+from regla_kernels import LocalSegmentExchange, chunk_regla, chunk_regla_segments, sequence_key_max, triton_chunk
 
 HEADS, DIM = 16, 128
 
@@ -36,6 +36,12 @@ def main():
                 *(cut(x) for x in (q, k, v, z, u)), LocalSegmentExchange(segments, slots), key_max=key_max
             )
             row.append(f"{segments} segments / {slots} slots {timed(step, [q, k, v, z, u]):.2f} ms")
+        for target in (128, 264, 528):  # chunk_regla's own route (LAUNCH["segment_min_programs"])
+            triton_chunk.LAUNCH["segment_min_programs"] = target
+            segments = triton_chunk._segments_per_sequence(1, HEADS, DIM, DIM, tokens)
+            auto = timed(lambda: chunk_regla(q, k, v, z, u, backend="triton")[0], [q, k, v, z, u])
+            row.append(f"chunk_regla with segment_min_programs={target} ({segments} segments) {auto:.2f} ms")
+        triton_chunk.LAUNCH["segment_min_programs"] = 0
         print("; ".join(row), flush=True)
 
 

@@ -83,28 +83,46 @@ def check(label, batch, length, heads, dk, dv, dtype, logit_scale=1.0, seqlens=N
     return ok
 
 
-def run_segments(inputs, segments, slots, weights):
-    """As `run`, the sequences cut into `segments` segments carried by a LocalSegmentExchange
-    (the context-parallel kernel path on one device); no final state."""
-    from regla_kernels import LocalSegmentExchange, chunk_regla_segments, sequence_key_max
-
+def run_outputs_only(call, inputs, weight):
+    """Output and every input gradient of (call(q, k, v, z, u, h0) * weight).sum()."""
     leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
-    q, k, v, z, u, h0 = leaves
-    batch, length = q.shape[:2]
-    cut = lambda x: x.reshape(batch, segments, length // segments, *x.shape[2:]).transpose(0, 1).flatten(0, 1)
-    key_max = sequence_key_max(k).repeat(segments, 1)
-    o = chunk_regla_segments(*(cut(x) for x in (q, k, v, z, u)), LocalSegmentExchange(segments, slots), key_max=key_max, initial_state=h0)
-    o = o.reshape(segments, batch, length // segments, *o.shape[2:]).transpose(0, 1).reshape(batch, length, *o.shape[2:])
-    (o.double() * weights[0]).sum().backward()
+    o = call(*leaves)
+    (o.double() * weight).sum().backward()
     return [o.detach()] + [x.grad for x in leaves]
 
 
+def by_segments(segments, slots):
+    """The sequences cut into `segments` segments carried by a LocalSegmentExchange (the
+    context-parallel kernel path on one device); no final state."""
+    from regla_kernels import LocalSegmentExchange, chunk_regla_segments, sequence_key_max
+
+    def call(q, k, v, z, u, h0):
+        batch, length = q.shape[:2]
+        cut = lambda x: x.reshape(batch, segments, length // segments, *x.shape[2:]).transpose(0, 1).flatten(0, 1)
+        key_max = sequence_key_max(k).repeat(segments, 1)
+        o = chunk_regla_segments(*(cut(x) for x in (q, k, v, z, u)), LocalSegmentExchange(segments, slots), key_max=key_max, initial_state=h0)
+        return o.reshape(segments, batch, length // segments, *o.shape[2:]).transpose(0, 1).reshape(batch, length, *o.shape[2:])
+
+    return call
+
+
+def as_long_sequences(q, k, v, z, u, h0):
+    """chunk_regla without a final state, LAUNCH["segment_min_programs"] forcing segments."""
+    saved = triton_chunk.LAUNCH["segment_min_programs"]
+    triton_chunk.LAUNCH["segment_min_programs"] = 10**6
+    try:
+        return chunk_regla(q, k, v, z, u, initial_state=h0, backend="triton")[0]
+    finally:
+        triton_chunk.LAUNCH["segment_min_programs"] = saved
+
+
 def check_segments(label, batch, length, heads, d, dtype, segments, slots, seed=0):
-    """The segments path against the one-pass torch reference in fp64 (output, all gradients)."""
+    """The segments path (slots > 0: through chunk_regla_segments; 0: chunk_regla's long-sequence
+    route) against the one-pass torch reference in fp64 (output, all gradients)."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     inputs = draw(batch, length, heads, d, d, dtype, 1.0, batch, gen)
     weights = [torch.randn(batch, length, heads, d, generator=gen, device="cuda", dtype=torch.float64)]
-    got = run_segments(inputs, segments, slots, weights)
+    got = run_outputs_only(by_segments(segments, slots) if slots else as_long_sequences, inputs, weights[0])
     ref = run("torch", [x.double() for x in inputs], None, weights + [torch.zeros(batch, heads, d, d, device="cuda", dtype=torch.float64)])
     ref = [ref[0]] + ref[2:]
     names = [n for n in NAMES if n != "final_state"]
@@ -179,7 +197,8 @@ def main():
             print(f"FAIL {case[0]}: {type(error).__name__}: {str(error)[:300]} / cause {type(cause).__name__}: {str(cause)[-600:]}", flush=True)
             results.append(False)
     for label, *case in [("segments 4 slots 4 bf16 B2 T4096 H4 d128", 2, 4096, 4, 128, torch.bfloat16, 4, 4),
-                         ("segments 2 slots 1 fp32 B1 T1920 H2 d64", 1, 1920, 2, 64, torch.float32, 2, 1)]:
+                         ("segments 2 slots 1 fp32 B1 T1920 H2 d64", 1, 1920, 2, 64, torch.float32, 2, 1),
+                         ("long sequences as 8 segments bf16 B2 T8192 H4", 2, 8192, 4, 128, torch.bfloat16, 8, 0)]:
         try:
             results.append(check_segments(label, *case))
         except Exception as error:

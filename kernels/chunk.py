@@ -119,19 +119,23 @@ def chunk_regla(
     function = _BACKEND_FUNCTIONS[resolve_backend(backend, q, v)]
     if scale is None:
         scale = default_scale(q.shape[-1])
+    # a backend that declares it may skip the final state's work when it is not asked for
+    options = {"output_final_state": output_final_state} if getattr(function, "optional_final_state", False) else {}
     if cu_seqlens is not None and getattr(function, "supports_cu_seqlens", False):
-        o, state = function(q, k, v, gate_logits, refine_logits, scale, key_max, initial_state, cu_seqlens=cu_seqlens)
+        o, state = function(q, k, v, gate_logits, refine_logits, scale, key_max, initial_state, cu_seqlens=cu_seqlens, **options)
     else:
-        o, state = _run_per_sequence(function, q, k, v, gate_logits, refine_logits, scale, key_max, initial_state, cu_seqlens, sequences)
+        o, state = _run_per_sequence(
+            function, q, k, v, gate_logits, refine_logits, scale, key_max, initial_state, cu_seqlens, sequences, options
+        )
     return o.to(q.dtype), (state if output_final_state else None)
 
 
-def _run_per_sequence(function, q, k, v, gate_logits, refine_logits, scale, key_max, initial_state, cu_seqlens, sequences):
-    """Run a dense implementation once per packed sequence (or once for a plain batch)."""
+def _run_per_sequence(function, q, k, v, gate_logits, refine_logits, scale, key_max, initial_state, cu_seqlens, sequences, options):
+    """Run a dense implementation once per packed sequence (or once for a plain batch, with `options`)."""
     if cu_seqlens is None:
         if key_max is None and not getattr(function, "computes_key_max", False):
             key_max = sequence_key_max(k)
-        return function(q, k, v, gate_logits, refine_logits, scale, key_max, initial_state)
+        return function(q, k, v, gate_logits, refine_logits, scale, key_max, initial_state, **options)
     bounds = cu_seqlens.tolist()
     outputs, states = [], []
     for n in range(sequences):

@@ -35,23 +35,39 @@ class SegmentExchange(Protocol):
 class LocalSegmentExchange:
     """The exchange of a group of one: every segment of the sequences is in this process.
 
-    Segment-major local tensors: [S B, ...] for S segments per sequence (in sequence order)
-    and B sequences. With `slots` > 1 (dividing S) it starts each slot's scan as soon as the
+    Local tensors [S B, ...] for S segments per sequence and B sequences: segment-major
+    (default; segment j of every sequence, then segment j + 1) or, with sequence_major, each
+    sequence's S segments in a row (a plain reshape of [B, T] into [B S, T / S]). With
+    `slots` > 1 (dividing S; segment-major only) it starts each slot's scan as soon as the
     slot's summaries exist, as a distributed exchange would start its communication.
     Use it to cut long sequences into segments on one device, or to test an exchange."""
 
-    def __init__(self, segments: int, slots: int = 1):
+    def __init__(self, segments: int, slots: int = 1, sequence_major: bool = False):
         if segments % slots:
             raise ValueError(f"LocalSegmentExchange: {segments} segments do not split into {slots} slots")
-        self.segments, self.slots = segments, slots
+        if sequence_major and slots > 1:
+            raise ValueError("LocalSegmentExchange: slots need the segment-major order")
+        self.segments, self.slots, self.sequence_major = segments, slots, sequence_major
         self._summaries = []
 
+    def _by_segment(self, x: torch.Tensor) -> torch.Tensor:
+        """[S B, ...] in local order -> [S, B, ...]."""
+        if self.sequence_major:
+            return x.view(-1, self.segments, *x.shape[1:]).transpose(0, 1)
+        return x.view(self.segments, -1, *x.shape[1:])
+
+    def _to_local(self, x: torch.Tensor) -> torch.Tensor:
+        """[S, B, ...] -> [S B, ...] in local order."""
+        return (x.transpose(0, 1) if self.sequence_major else x).flatten(0, 1)
+
     def incoming(self, local_states, log_decays, initial_state):
-        shape = (self.segments, -1) + tuple(local_states.shape[1:])
-        self.log_decays = log_decays.view(shape[:-1])
-        return cp_state_scan(local_states.view(shape), self.log_decays, initial_state).flatten(0, 1)
+        self.log_decays = self._by_segment(log_decays)
+        return self._to_local(cp_state_scan(self._by_segment(local_states), self.log_decays, initial_state))
 
     def start_incoming(self, slot, local_states, log_decays, initial_state):
+        if self.slots == 1:
+            result = self.incoming(local_states, log_decays, initial_state)
+            return lambda: result
         per = self.segments // self.slots
         self._summaries.append((local_states.reshape(per, -1, *local_states.shape[1:]), log_decays.reshape(per, -1, *log_decays.shape[1:])))
 
@@ -64,9 +80,8 @@ class LocalSegmentExchange:
         return wait
 
     def outgoing(self, incoming_grads):
-        grads = incoming_grads.view(self.log_decays.shape + incoming_grads.shape[-1:])
-        at_end, initial_grad = cp_state_grad_scan(grads, self.log_decays)
-        return at_end.flatten(0, 1), initial_grad
+        at_end, initial_grad = cp_state_grad_scan(self._by_segment(incoming_grads), self.log_decays)
+        return self._to_local(at_end), initial_grad
 
     def start_outgoing(self, incoming_grads):
         result = self.outgoing(incoming_grads)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gating import refined_log_gate
+from .gating import refined_log_gate, sequence_key_max
 from .triton_fast import chunk_bwd_dqk_fast_kernel, chunk_bwd_dv_fast_kernel, chunk_fwd_output_fast_kernel
 from .triton_stages import (
     chunk_gates_kernel,
@@ -70,6 +70,12 @@ LAUNCH = {
     "fast_dqk_warps": 8,
     "fast_dqk_block_k": 32,
     "fast_dqk_block_v": 128,
+    # Long sequences, few of them (B x H small): with a final state not asked for, cut each
+    # sequence into up to 8 equal segments (the context-parallel kernel path, the states carried
+    # between them on this device) until the state passes have this many programs. 0 = off
+    # until a GPU run measures it on the table's shapes (benchmarks/results_cp.md, session 3:
+    # one 64K-token sequence 13.67 ms in one pass, 11.80 as 2 segments).
+    "segment_min_programs": 0,
 }
 POISON = os.environ.get("REGLA_TRITON_POISON", "0") == "1"
 
@@ -330,6 +336,33 @@ def fast_chunk_mask(gate_logits: torch.Tensor, refine_logits: torch.Tensor, limi
     return fast & (limit >= 0)
 
 
+def _segments_per_sequence(batch: int, heads: int, dk: int, dv: int, length: int) -> int:
+    """How many equal segments to cut each sequence into (LAUNCH["segment_min_programs"])."""
+    target = LAUNCH["segment_min_programs"]
+    programs = batch * heads * (dk // min(dk, LAUNCH["states_block_k"])) * (dv // min(dv, LAUNCH["states_block_v"]))
+    segments = 1
+    while target > 0 and segments < 8 and programs * segments < target and length % (2 * segments * CHUNK_SIZE) == 0:
+        segments *= 2
+    return segments
+
+
+def _by_segments(q, k, v, gate_logits, refine_logits, scale, key_max, initial_state, segments):
+    """o [B, T, H, dv] with every sequence cut into `segments` segments (sequence-major: a view)."""
+    from .segments import LocalSegmentExchange
+    from .triton_segments import chunk_regla_segments_triton
+
+    batch, length = q.shape[:2]
+    cut = lambda x: x.reshape(batch * segments, length // segments, *x.shape[2:])
+    if key_max is None:
+        key_max = sequence_key_max(k)
+    exchange = LocalSegmentExchange(segments, sequence_major=True)
+    o = chunk_regla_segments_triton(
+        *(cut(x) for x in (q, k, v, gate_logits, refine_logits)), scale,
+        key_max.repeat_interleave(segments, dim=0), exchange, initial_state,
+    )
+    return o.reshape(batch, length, *o.shape[2:])
+
+
 def chunk_regla_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -340,16 +373,22 @@ def chunk_regla_triton(
     key_max: Optional[torch.Tensor],
     initial_state: Optional[torch.Tensor] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    output_final_state: bool = True,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Backend function of `chunk_regla` (see chunk.py for the contract).
 
-    Returns o [B, T, H, dv] in q's dtype and the final state [N, H, dk, dv] in fp32.
+    Returns o [B, T, H, dv] in q's dtype and the final state [N, H, dk, dv] in fp32 (None
+    when output_final_state is False and the sequences went as segments, see
+    LAUNCH["segment_min_programs"]).
     """
     _check(q, v)
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
     dtype = q.dtype
     k, v, gate_logits, refine_logits = (x.to(dtype) for x in (k, v, gate_logits, refine_logits))
+    segments = 1 if cu_seqlens is not None or output_final_state else _segments_per_sequence(batch, heads, dk, dv, length)
+    if segments > 1:
+        return _by_segments(q, k, v, gate_logits, refine_logits, scale, key_max, initial_state, segments), None
     if cu_seqlens is None:
         cu = torch.arange(0, (batch + 1) * length, length, device=q.device, dtype=torch.int32)[: batch + 1]
     else:
@@ -365,3 +404,4 @@ def chunk_regla_triton(
 
 chunk_regla_triton.supports_cu_seqlens = True
 chunk_regla_triton.computes_key_max = True
+chunk_regla_triton.optional_final_state = True

@@ -195,6 +195,25 @@ def test_segments_with_carried_states_match_one_pass(segments, slots, fast_limit
         assert error < 2e-5, (name, error)
 
 
+@pytest.mark.parametrize("length, segments", [(256, 4), (384, 2)])
+def test_long_sequences_as_segments_on_one_device(length, segments, launch):
+    """LAUNCH["segment_min_programs"]: without a final state asked for, every sequence is cut
+    into equal segments (sequence-major, no copies) carried on this device: output and every
+    gradient, the initial state's included, equal the one-pass recurrence; with the final
+    state asked for, the one-pass kernels run."""
+    from regla_kernels import triton_chunk
+
+    launch.LAUNCH.update(segment_min_programs=10**6)
+    inputs = _inputs(2, length, 2, launch.MIN_HEAD_DIM, launch.MIN_HEAD_DIM, seed=length)
+    assert triton_chunk._segments_per_sequence(2, 2, launch.MIN_HEAD_DIM, launch.MIN_HEAD_DIM, length) == segments
+    got = _run("triton", inputs, with_state=False)
+    ref = _run("naive", [x.double() for x in inputs], with_state=False)
+    for name, a, b in zip(NAMES, got, ref):
+        if name != "final_state":
+            assert ((a.double() - b).norm() / b.norm()).item() < 2e-5, name
+    _compare(inputs, bound=2e-5)  # with the final state: the one-pass path
+
+
 def test_split_key_and_value_blocks(launch):
     """Sequential state stages split over key and value blocks; the rest over value blocks
     (and the fast dq/dk stage over key blocks)."""
