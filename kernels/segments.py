@@ -83,10 +83,6 @@ class LocalSegmentExchange:
         at_end, initial_grad = cp_state_grad_scan(self._by_segment(incoming_grads), self.log_decays)
         return self._to_local(at_end), initial_grad
 
-    def start_outgoing(self, incoming_grads):
-        result = self.outgoing(incoming_grads)
-        return lambda: result
-
 
 def chunk_regla_segments(
     q: torch.Tensor,

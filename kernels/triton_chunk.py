@@ -18,6 +18,7 @@ bf16/fp16/fp32 inputs, fp32 state and accumulation, dk and dv powers of two in
 [MIN_HEAD_DIM, MAX_HEAD_DIM].
 """
 
+import functools
 import os
 from typing import Optional, Tuple
 
@@ -143,15 +144,21 @@ def _block_v(dv: int) -> int:
     return min(dv, LAUNCH["block_v"])
 
 
+def _state_programs(dk: int, dv: int, sequences_heads: int) -> int:
+    """Programs of a state pass with the LAUNCH key and value blocks."""
+    return sequences_heads * (dk // min(dk, LAUNCH["states_block_k"])) * (dv // min(dv, LAUNCH["states_block_v"]))
+
+
 def _state_blocks(dk: int, dv: int, sequences_heads: int) -> Tuple[int, int]:
     """(key block, value block) of the sequential state passes: key block 32 where the usual
     one would leave some of the GPU's multiprocessors idle (few long sequences)."""
     bk, bv = min(dk, LAUNCH["states_block_k"]), min(dv, LAUNCH["states_block_v"])
-    if bk > 32 and sequences_heads * (dk // bk) * (dv // bv) < _multiprocessors():
+    if bk > 32 and _state_programs(dk, dv, sequences_heads) < _multiprocessors():
         bk = 32
     return bk, bv
 
 
+@functools.lru_cache(maxsize=None)
 def _multiprocessors() -> int:
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
@@ -339,7 +346,7 @@ def fast_chunk_mask(gate_logits: torch.Tensor, refine_logits: torch.Tensor, limi
 def _segments_per_sequence(batch: int, heads: int, dk: int, dv: int, length: int) -> int:
     """How many equal segments to cut each sequence into (LAUNCH["segment_min_programs"])."""
     target = LAUNCH["segment_min_programs"]
-    programs = batch * heads * (dk // min(dk, LAUNCH["states_block_k"])) * (dv // min(dv, LAUNCH["states_block_v"]))
+    programs = _state_programs(dk, dv, batch * heads)
     segments = 1
     while target > 0 and segments < 8 and programs * segments < target and length % (2 * segments * CHUNK_SIZE) == 0:
         segments *= 2

@@ -192,9 +192,7 @@ def all_gather_cp(x: torch.Tensor, group) -> torch.Tensor:
 
 def cp_key_max(k: torch.Tensor, group) -> torch.Tensor:
     """The sequence key max M over the whole CP-sharded sequence: `[B, H]` fp32 (fp64 for fp64), detached."""
-    key_max = sequence_key_max(k).contiguous()
-    dist.all_reduce(key_max, op=dist.ReduceOp.MAX, group=group)
-    return key_max
+    return _cp_key_max_async(k, group)()
 
 
 class _CPExchange:
@@ -269,15 +267,15 @@ class _CPExchange:
         return finish
 
 
-def _cp_key_max_async(k: torch.Tensor, group, repeat: int):
+def _cp_key_max_async(k: torch.Tensor, group, repeat: int = 1):
     """Start the all-reduce(MAX) of the local key maxima; returns a function that waits for it
-    and gives the key max repeated for `repeat` local segments ([repeat B, H] fp32)."""
+    and gives the key max, repeated for `repeat` local segments ([repeat B, H], fp32 or fp64)."""
     key_max = sequence_key_max(k).contiguous()
     work = dist.all_reduce(key_max, op=dist.ReduceOp.MAX, group=group, async_op=True)
 
     def finish():
         work.wait()
-        return key_max.repeat(repeat, 1)
+        return key_max if repeat == 1 else key_max.repeat(repeat, 1)
 
     return finish
 
@@ -400,13 +398,6 @@ def _in_sequence_order(gathered: torch.Tensor, layout: str, cp_size: int) -> tor
     return gathered[[where[j] for j in range(cp_size * local)]]
 
 
-def _packed_key_max(k: torch.Tensor, bounds: List[int]) -> torch.Tensor:
-    """Local key max of each packed sequence: [N, H] (fp32, fp64 for fp64 k)."""
-    rows = k[0].detach().amax(dim=-1)  # [T, H]
-    dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
-    return torch.stack([rows[a:b].amax(dim=0) for a, b in zip(bounds[:-1], bounds[1:])]).to(dtype)
-
-
 def _packed_context_parallel_regla(q, k, v, gate_logits, refine_logits, cu_seqlens, scale, group, layout, backend, initial_state):
     """Packed sequences under CP (B = 1): the rank's segments of every sequence (two for zigzag)
     from a zero state through `chunk_regla` with one cu_seqlens entry per segment, one
@@ -431,7 +422,7 @@ def _packed_context_parallel_regla(q, k, v, gate_logits, refine_logits, cu_seqle
     spans = [(a + i * (b - a) // local, a + (i + 1) * (b - a) // local) for a, b in zip(bounds[:-1], bounds[1:]) for i in range(local)]
     segment_cu = torch.tensor([0] + [end for _, end in spans], device=q.device, dtype=torch.int32)
 
-    key_max = _packed_key_max(k, bounds).contiguous()
+    key_max = torch.cat([sequence_key_max(k[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])])  # [N, H], local
     dist.all_reduce(key_max, op=dist.ReduceOp.MAX, group=group)
     out, states = chunk_regla(
         q, k, v, gate_logits, refine_logits, scale=scale, key_max=key_max.repeat_interleave(local, dim=0),

@@ -137,8 +137,8 @@ def _recording_exchange(segments, events):
 
         def start_outgoing(self, incoming_grads):
             events.append("start_grads")
-            wait = super().start_outgoing(incoming_grads)
-            return lambda: events.append("wait_grads") or wait()
+            result = self.outgoing(incoming_grads)
+            return lambda: events.append("wait_grads") or result
 
     return Recording(segments, slots=segments)
 
