@@ -137,12 +137,16 @@ MEASURES = {"regla": measure_regla, "fla": measure_fla, "sdpa": measure_sdpa}
 
 # Greedy sweep: each launch setting in turn, its alternatives tried on top of the best so far.
 SWEEP = [
-    ("gates_warps", [16]),
+    ("fast_bwd_block_k", [32, 64]),
+    ("fast_output_block_k", [32, 64]),
+    ("gates_block_k", [32, 16]),
+    ("gates_warps", [4]),
+    ("fast_output_warps", [8, 4]),
+    ("fast_bwd_warps", [4]),
+    ("fast_bwd_maxnreg", [128]),
+    ("fast_output_maxnreg", [128]),
+    ("fast_dqk_maxnreg", [128]),
     ("states_block_k", [32]),
-    ("fast_output_warps", [8]),
-    ("fast_output_block_v", [128]),
-    ("fast_dv_block_v", [64]),
-    ("states_stages", [2]),
 ]
 
 

@@ -27,7 +27,13 @@ import triton
 import triton.language as tl
 
 from .gating import refined_log_gate, sequence_key_max
-from .triton_fast import chunk_bwd_dqk_fast_kernel, chunk_bwd_dv_fast_kernel, chunk_fwd_output_fast_kernel
+from .triton_fast import (
+    chunk_bwd_dqk_fast_kernel,
+    chunk_bwd_dv_fast_kernel,
+    chunk_bwd_fast_kernel,
+    chunk_fwd_output_fast_kb_kernel,
+    chunk_fwd_output_fast_kernel,
+)
 from .triton_stages import (
     chunk_gates_kernel,
     chunk_bwd_dstates_kernel,
@@ -64,21 +70,41 @@ LAUNCH = {
     # product kernels (triton_fast.py); the rest the sub-chunk kernels with fp32 (tf32)
     # products. A negative value sends every chunk to the sub-chunk kernels.
     "fast_limit": 60.0,
-    "fast_output_warps": 4,
+    "fast_output_warps": 8,
     "fast_output_block_v": 64,
     "fast_dv_warps": 4,
     "fast_dv_block_v": 128,
     "fast_dqk_warps": 8,
     "fast_dqk_block_k": 32,
     "fast_dqk_block_v": 128,
+    # Key blocks of the key-block-loop kernels (one program per chunk and head, all value
+    # columns at once): 0 = the value-block kernels above instead. fast_bwd_block_k > 0 fuses
+    # the dv and dq/dk kernels (no score-gradient buffer).
+    "fast_output_block_k": 0,
+    "fast_bwd_block_k": 0,
+    "fast_bwd_warps": 8,
     # Long sequences, few of them (B x H small): with a final state not asked for, cut each
     # sequence into up to 8 equal segments (the context-parallel kernel path, the states carried
     # between them on this device) until the state passes have this many programs. 0 = off
     # until a GPU run measures it on the table's shapes (benchmarks/results_cp.md, session 3:
     # one 64K-token sequence 13.67 ms in one pass, 11.80 as 2 segments).
     "segment_min_programs": 0,
+    # Register caps (ptxas maxnreg) per kernel, 0 = none: a cap trades spills for more programs
+    # per multiprocessor.
+    "gates_maxnreg": 0,
+    "states_maxnreg": 0,
+    "fast_output_maxnreg": 0,
+    "fast_dv_maxnreg": 0,
+    "fast_dqk_maxnreg": 0,
+    "fast_bwd_maxnreg": 0,
 }
 POISON = os.environ.get("REGLA_TRITON_POISON", "0") == "1"
+
+
+def _register_cap(kernel: str) -> dict:
+    """Launch option of LAUNCH[kernel + "_maxnreg"] (none when 0, or in the interpreter)."""
+    cap = LAUNCH.get(f"{kernel}_maxnreg", 0)
+    return {"maxnreg": int(cap)} if cap and not _interpreting() else {}
 
 
 def _empty(*shape, device, dtype):
@@ -193,7 +219,7 @@ def _gates(z, u, k, cu, table, total, key_max=None, out=None, need_key_max=True)
     chunk_gates_kernel[(total, heads)](
         z, u, k, b, chunk_decay, flags, key_max if key_max is not None else b, table, cu,
         heads, DK=dk, C=CHUNK_SIZE, BK=min(dk, LAUNCH["gates_block_k"]), LIMIT=_fast_limit(), KEY_MAX=compute_max,
-        num_warps=LAUNCH["gates_warps"], num_stages=1,
+        num_warps=LAUNCH["gates_warps"], num_stages=1, **_register_cap("gates"),
     )
     return b, chunk_decay, flags, key_max
 
@@ -214,6 +240,7 @@ def _fwd_states(k, v, b, key_max, h0, cu, offsets, total, store_final, out=None)
         k, v, b, key_max, h0 if h0 is not None else h, h, ht, cu, offsets,
         heads, DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=bv, HAS_H0=h0 is not None, STORE_HT=store_final,
         DT=_dot_dtype(k.dtype), num_warps=LAUNCH["states_warps"], num_stages=LAUNCH["states_stages"],
+        **_register_cap("states"),
     )
     return h, (ht if store_final else None)
 
@@ -237,11 +264,17 @@ def _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, h_carry=
         out = (_empty(tokens, heads, dv, device=q.device, dtype=q.dtype), _empty(tokens, heads, device=q.device, dtype=torch.float32))
     o, q_max = out
     h_add, h_decay, has_h_add = _carried(h_carry, b)
-    if _fast_limit() >= 0:
+    if _fast_limit() >= 0 and LAUNCH["fast_output_block_k"] > 0:
+        chunk_fwd_output_fast_kb_kernel[(total, heads)](
+            q, k, v, b, flags, key_max, h, h_add, h_decay, o, q_max, table, cu, scale,
+            heads, DK=dk, DV=dv, C=CHUNK_SIZE, BK=min(dk, LAUNCH["fast_output_block_k"]), DT=_dot_dtype(q.dtype),
+            HAS_HADD=has_h_add, num_warps=LAUNCH["fast_output_warps"], num_stages=1, **_register_cap("fast_output"),
+        )
+    elif _fast_limit() >= 0:
         chunk_fwd_output_fast_kernel[(total, heads)](
             q, k, v, b, flags, key_max, h, h_add, h_decay, o, q_max, table, cu, scale,
             heads, DK=dk, DV=dv, C=CHUNK_SIZE, BV=min(dv, LAUNCH["fast_output_block_v"]), DT=_dot_dtype(q.dtype),
-            HAS_HADD=has_h_add, num_warps=LAUNCH["fast_output_warps"], num_stages=1,
+            HAS_HADD=has_h_add, num_warps=LAUNCH["fast_output_warps"], num_stages=1, **_register_cap("fast_output"),
         )
     bv = _block_v(dv)
     chunk_fwd_output_kernel[(dv // bv, total, heads)](
@@ -262,7 +295,7 @@ def _bwd_dstates(q, q_max, b, do, dht, cu, offsets, scale, total, dv):
     chunk_bwd_dstates_kernel[((dk // bk) * (dv // bv), n * heads)](
         q, q_max, b, do, dht if dht is not None else dh0, dh, dh0, cu, offsets, scale,
         heads, DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=bv, HAS_DHT=dht is not None, DT=_dot_dtype(q.dtype),
-        num_warps=LAUNCH["states_warps"], num_stages=LAUNCH["states_stages"],
+        num_warps=LAUNCH["states_warps"], num_stages=LAUNCH["states_stages"], **_register_cap("states"),
     )
     return dh, dh0
 
@@ -275,12 +308,20 @@ def _bwd_main(q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, sca
     h_add, h_decay, has_h_add = _carried(h_carry, b)
     dh_add, dh_decay, has_dh_add = _carried(dh_carry, b)
     dq, dk_, dz, du, dv_ = (_empty(*x.shape, device=x.device, dtype=x.dtype) for x in (q, k, z, u, v))
-    if _fast_limit() >= 0:
+    if _fast_limit() >= 0 and LAUNCH["fast_bwd_block_k"] > 0:
+        chunk_bwd_fast_kernel[(total, heads)](
+            q, k, v, z, u, b, flags, key_max, q_max, h, h_add, h_decay, dh, dh_add, dh_decay, do,
+            dq, dk_, dv_, dz, du, table, cu, scale,
+            heads, DK=dk, DV=dv, C=CHUNK_SIZE, BK=min(dk, LAUNCH["fast_bwd_block_k"]), DT=dt,
+            HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, num_warps=LAUNCH["fast_bwd_warps"], num_stages=1,
+            **_register_cap("fast_bwd"),
+        )
+    elif _fast_limit() >= 0:
         score_grad = torch.empty(total, heads, CHUNK_SIZE, CHUNK_SIZE, device=q.device, dtype=_state_dtype(q.dtype))
         chunk_bwd_dv_fast_kernel[(total, heads)](
             q, k, v, b, flags, key_max, dh, dh_add, dh_decay, do, dv_, score_grad, table, cu, scale,
             heads, DK=dk, DV=dv, C=CHUNK_SIZE, BV=min(dv, LAUNCH["fast_dv_block_v"]), DT=dt, HAS_DHADD=has_dh_add,
-            num_warps=LAUNCH["fast_dv_warps"], num_stages=1,
+            num_warps=LAUNCH["fast_dv_warps"], num_stages=1, **_register_cap("fast_dv"),
         )
         bk = min(dk, LAUNCH["fast_dqk_block_k"])
         chunk_bwd_dqk_fast_kernel[(dk // bk, total, heads)](
@@ -288,6 +329,7 @@ def _bwd_main(q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, sca
             dq, dk_, dz, du, table, cu, scale,
             heads, DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=min(dv, LAUNCH["fast_dqk_block_v"]), DT=dt,
             HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, num_warps=LAUNCH["fast_dqk_warps"], num_stages=1,
+            **_register_cap("fast_dqk"),
         )
         del score_grad
     chunk_bwd_main_kernel[(total, heads)](

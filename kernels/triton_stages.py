@@ -247,16 +247,18 @@ def chunk_gates_kernel(
     tok = start + tl.arange(0, C)
     mask = tok < eos
     rows = tok * H + head
-    fast = LIMIT >= 0
-    k_max = float("-inf")
-    for kb in tl.static_range(DK // BK):
+    # A rolled loop: unrolled, the compiler keeps every key block's gate chain live (231
+    # registers at BK 64, one program per multiprocessor); rolled, BK 32 needs 70.
+    fast = tl.full([], 1, tl.int32)
+    k_max = tl.full([], float("-inf"), tl.float32)
+    for kb in range(DK // BK):
         rk = kb * BK + tl.arange(0, BK)
         b = tl.cumsum(load_chunk_gates(z_ptr, u_ptr, rows, mask, rk, DK), axis=0)
         tl.store(b_ptr + rows[:, None] * DK + rk[None, :], b, mask=mask[:, None])
         b_end = tl.min(b, axis=0)
         tl.store(bend_ptr + (ic.to(tl.int64) * H + head) * DK + rk, b_end)
         _, fast_block = chunk_fast_path(b, b_end, C, LIMIT)
-        fast = fast & fast_block
+        fast = fast & fast_block.to(tl.int32)
         if KEY_MAX:
             k = tl.load(k_ptr + rows[:, None] * DK + rk[None, :], mask=mask[:, None], other=float("-inf"))
             k_max = tl.maximum(k_max, tl.max(tl.max(k.to(tl.float32), axis=1), axis=0))
