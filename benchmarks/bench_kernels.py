@@ -135,18 +135,15 @@ def measure_sdpa(inputs):
 MEASURES = {"regla": measure_regla, "fla": measure_fla, "sdpa": measure_sdpa}
 
 
-# Greedy sweep: each launch setting in turn, its alternatives tried on top of the best so far.
+# Greedy sweep: each launch setting in turn, its alternatives tried on top of the best so far
+# (an alternative may be a dict: several settings changed together).
 SWEEP = [
-    ("fast_bwd_block_k", [32, 64]),
-    ("fast_output_block_k", [32, 64]),
-    ("gates_block_k", [32, 16]),
-    ("gates_warps", [4]),
-    ("fast_output_warps", [8, 4]),
-    ("fast_bwd_warps", [4]),
-    ("fast_bwd_maxnreg", [128]),
+    ("cumsum_by_product", [1]),
+    ("gates_stages", [2, 3]),
+    ("fast_dqk_block_v", [{"fast_dqk_block_v": 64, "fast_dqk_stages": 2}]),
+    ("fast_dv_block_v", [{"fast_dv_block_v": 64, "fast_dv_stages": 2}]),
     ("fast_output_maxnreg", [128]),
-    ("fast_dqk_maxnreg", [128]),
-    ("states_block_k", [32]),
+    ("fast_dqk_maxnreg", [168]),
 ]
 
 
@@ -167,7 +164,7 @@ def sweep(length=8192, gain=0.01):
     print(f"sweep base: fwd+bwd {best_ms:.3f}", flush=True)
     for key, values in SWEEP:
         for value in values:
-            trial = dict(best, **{key: value})
+            trial = dict(best, **(value if isinstance(value, dict) else {key: value}))
             try:
                 fwd_ms, fwd_bwd_ms = timed(trial)
             except Exception as error:

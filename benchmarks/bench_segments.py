@@ -27,7 +27,7 @@ def main():
     for tokens in (int(t) for t in parser.parse_args().tokens.split(",")):
         r = lambda b=0.0: (torch.randn(1, tokens, HEADS, DIM, device="cuda") + b).to(torch.bfloat16).requires_grad_(True)
         q, k, v, z, u = r(), r(), r(), r(2.0), r()
-        whole = timed(lambda: chunk_regla(q, k, v, z, u, backend="triton")[0], [q, k, v, z, u])
+        whole = timed(lambda: chunk_regla(q, k, v, z, u, backend="triton", output_final_state=True)[0], [q, k, v, z, u])
         row = [f"tokens {tokens}: one pass {whole:.2f} ms"]
         for segments, slots in ((2, 1), (2, 2), (4, 2)):
             cut = lambda x: x.reshape(segments, tokens // segments, HEADS, DIM)
@@ -36,12 +36,13 @@ def main():
                 *(cut(x) for x in (q, k, v, z, u)), LocalSegmentExchange(segments, slots), key_max=key_max
             )
             row.append(f"{segments} segments / {slots} slots {timed(step, [q, k, v, z, u]):.2f} ms")
+        saved = dict(triton_chunk.LAUNCH)
         for target in (128, 264, 528):  # chunk_regla's own route (LAUNCH["segment_min_programs"])
-            triton_chunk.LAUNCH["segment_min_programs"] = target
+            triton_chunk.LAUNCH.update(segment_min_programs=target, segment_below_programs=target)
             segments = triton_chunk._segments_per_sequence(1, HEADS, DIM, DIM, tokens)
             auto = timed(lambda: chunk_regla(q, k, v, z, u, backend="triton")[0], [q, k, v, z, u])
             row.append(f"chunk_regla with segment_min_programs={target} ({segments} segments) {auto:.2f} ms")
-        triton_chunk.LAUNCH["segment_min_programs"] = 0
+        triton_chunk.LAUNCH.update(saved)
         print("; ".join(row), flush=True)
 
 

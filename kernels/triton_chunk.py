@@ -53,7 +53,7 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 LAUNCH = {
     "sub_chunk": SUB_CHUNK_SIZE,
     "gates_warps": 8,
-    "gates_block_k": 64,
+    "gates_block_k": 16,
     "states_warps": 4,
     "states_stages": 3,
     "output_warps": 8,
@@ -83,12 +83,22 @@ LAUNCH = {
     "fast_output_block_k": 0,
     "fast_bwd_block_k": 0,
     "fast_bwd_warps": 8,
-    # Long sequences, few of them (B x H small): with a final state not asked for, cut each
-    # sequence into up to 8 equal segments (the context-parallel kernel path, the states carried
-    # between them on this device) until the state passes have this many programs. 0 = off
-    # until a GPU run measures it on the table's shapes (benchmarks/results_cp.md, session 3:
-    # one 64K-token sequence 13.67 ms in one pass, 11.80 as 2 segments).
-    "segment_min_programs": 0,
+    # Software-pipelining depth of the loops over key blocks (gates) and value blocks (dv, dq/dk).
+    "gates_stages": 1,
+    "fast_dv_stages": 1,
+    "fast_dqk_stages": 1,
+    # 1: the chunk prefix sums of the gates and gate gradients as triangular products (3xTF32)
+    # instead of tl.cumsum (whole-chunk kernels and the gates kernel).
+    "cumsum_by_product": 0,
+    # Long sequences, few of them (B x H small): with a final state not asked for, and state
+    # passes of fewer than segment_below_programs programs, cut each sequence into up to 8 equal
+    # segments (the context-parallel kernel path, the states carried between them on this
+    # device) until they have segment_min_programs. H200, bf16, 64K tokens, H 16, d 128
+    # (benchmarks/runs/s4_0130, s4_0145): B = 1 13.39 ms in one pass, 10.10 as 8 segments;
+    # B = 2 (64 programs) 10.28 -> 10.18 as 4; B = 4 (128 programs) 9.23 -> 10.09 as 2 (hence
+    # the lower bound). 0 = off.
+    "segment_below_programs": 66,
+    "segment_min_programs": 264,
     # Register caps (ptxas maxnreg) per kernel, 0 = none: a cap trades spills for more programs
     # per multiprocessor.
     "gates_maxnreg": 0,
@@ -219,7 +229,8 @@ def _gates(z, u, k, cu, table, total, key_max=None, out=None, need_key_max=True)
     chunk_gates_kernel[(total, heads)](
         z, u, k, b, chunk_decay, flags, key_max if key_max is not None else b, table, cu,
         heads, DK=dk, C=CHUNK_SIZE, BK=min(dk, LAUNCH["gates_block_k"]), LIMIT=_fast_limit(), KEY_MAX=compute_max,
-        num_warps=LAUNCH["gates_warps"], num_stages=1, **_register_cap("gates"),
+        CUMSUM_DOT=bool(LAUNCH["cumsum_by_product"]),
+        num_warps=LAUNCH["gates_warps"], num_stages=LAUNCH["gates_stages"], **_register_cap("gates"),
     )
     return b, chunk_decay, flags, key_max
 
@@ -313,7 +324,8 @@ def _bwd_main(q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, sca
             q, k, v, z, u, b, flags, key_max, q_max, h, h_add, h_decay, dh, dh_add, dh_decay, do,
             dq, dk_, dv_, dz, du, table, cu, scale,
             heads, DK=dk, DV=dv, C=CHUNK_SIZE, BK=min(dk, LAUNCH["fast_bwd_block_k"]), DT=dt,
-            HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, num_warps=LAUNCH["fast_bwd_warps"], num_stages=1,
+            HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, CUMSUM_DOT=bool(LAUNCH["cumsum_by_product"]),
+            num_warps=LAUNCH["fast_bwd_warps"], num_stages=1,
             **_register_cap("fast_bwd"),
         )
     elif _fast_limit() >= 0:
@@ -321,15 +333,15 @@ def _bwd_main(q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, sca
         chunk_bwd_dv_fast_kernel[(total, heads)](
             q, k, v, b, flags, key_max, dh, dh_add, dh_decay, do, dv_, score_grad, table, cu, scale,
             heads, DK=dk, DV=dv, C=CHUNK_SIZE, BV=min(dv, LAUNCH["fast_dv_block_v"]), DT=dt, HAS_DHADD=has_dh_add,
-            num_warps=LAUNCH["fast_dv_warps"], num_stages=1, **_register_cap("fast_dv"),
+            num_warps=LAUNCH["fast_dv_warps"], num_stages=LAUNCH["fast_dv_stages"], **_register_cap("fast_dv"),
         )
         bk = min(dk, LAUNCH["fast_dqk_block_k"])
         chunk_bwd_dqk_fast_kernel[(dk // bk, total, heads)](
             q, k, v, z, u, b, flags, key_max, q_max, score_grad, h, h_add, h_decay, dh, dh_add, dh_decay, do,
             dq, dk_, dz, du, table, cu, scale,
             heads, DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=min(dv, LAUNCH["fast_dqk_block_v"]), DT=dt,
-            HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, num_warps=LAUNCH["fast_dqk_warps"], num_stages=1,
-            **_register_cap("fast_dqk"),
+            HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, CUMSUM_DOT=bool(LAUNCH["cumsum_by_product"]),
+            num_warps=LAUNCH["fast_dqk_warps"], num_stages=LAUNCH["fast_dqk_stages"], **_register_cap("fast_dqk"),
         )
         del score_grad
     chunk_bwd_main_kernel[(total, heads)](
@@ -386,10 +398,13 @@ def fast_chunk_mask(gate_logits: torch.Tensor, refine_logits: torch.Tensor, limi
 
 
 def _segments_per_sequence(batch: int, heads: int, dk: int, dv: int, length: int) -> int:
-    """How many equal segments to cut each sequence into (LAUNCH["segment_min_programs"])."""
+    """How many equal segments to cut each sequence into (LAUNCH["segment_below_programs"],
+    LAUNCH["segment_min_programs"])."""
     target = LAUNCH["segment_min_programs"]
     programs = _state_programs(dk, dv, batch * heads)
     segments = 1
+    if programs >= LAUNCH["segment_below_programs"]:
+        return segments
     while target > 0 and segments < 8 and programs * segments < target and length % (2 * segments * CHUNK_SIZE) == 0:
         segments *= 2
     return segments

@@ -115,7 +115,7 @@ def chunk_bwd_dqk_fast_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, u_ptr, b_ptr, flag_ptr, kmax_ptr, qmax_ptr, da_ptr, h_ptr, hadd_ptr, hdecay_ptr,
     dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dq_ptr, dk_ptr, dz_ptr, du_ptr, table_ptr, cu_ptr, scale,
     H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
-    HAS_HADD: tl.constexpr, HAS_DHADD: tl.constexpr,
+    HAS_HADD: tl.constexpr, HAS_DHADD: tl.constexpr, CUMSUM_DOT: tl.constexpr,
 ):
     """dq, dk and both gate-logit gradients of one safe chunk, one head, BK key features
     (every one of them is separable over the key features once dA is known: it is read from
@@ -152,7 +152,7 @@ def chunk_bwd_dqk_fast_kernel(
         dk_end = phi_k * tl.exp(b_end[None, :] - b) * dk_state
         tl.store(dk_ptr + rows[:, None] * DK + cols, (dk_scores + dk_end).to(dk_ptr.dtype.element_ty), mask=mask[:, None])
 
-        store_gate_grads(dq - dk_scores, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, rows, mask, rk, DK)
+        store_gate_grads(dq - dk_scores, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, rows, mask, rk, DK, C, CUMSUM_DOT)
 
 
 @triton.jit
@@ -201,7 +201,7 @@ def chunk_bwd_fast_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, u_ptr, b_ptr, flag_ptr, kmax_ptr, qmax_ptr, h_ptr, hadd_ptr, hdecay_ptr,
     dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, dz_ptr, du_ptr, table_ptr, cu_ptr, scale,
     H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
-    HAS_HADD: tl.constexpr, HAS_DHADD: tl.constexpr,
+    HAS_HADD: tl.constexpr, HAS_DHADD: tl.constexpr, CUMSUM_DOT: tl.constexpr,
 ):
     """Every input gradient of one safe chunk and head in one program: `chunk_bwd_dv_fast_kernel`
     then `chunk_bwd_dqk_fast_kernel`, with v, do and the score gradient dA kept on chip (no dA
@@ -248,4 +248,4 @@ def chunk_bwd_fast_kernel(
             dk_scores = k_t.to(tl.float32) * tl.dot(tl.trans(dA), q_t)
             dk_end = phi_k * tl.exp(b_end[None, :] - b) * dk_state
             tl.store(dk_ptr + rows[:, None] * DK + cols, (dk_scores + dk_end).to(dk_ptr.dtype.element_ty), mask=mask[:, None])
-            store_gate_grads(dq - dk_scores, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, rows, mask, rk, DK)
+            store_gate_grads(dq - dk_scores, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, rows, mask, rk, DK, C, CUMSUM_DOT)

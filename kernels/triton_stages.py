@@ -200,14 +200,44 @@ def load_state(
 
 
 @triton.jit
-def store_gate_grads(score_terms, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, rows, mask, cols, DK: tl.constexpr):
+def triangular_sums(x, C: tl.constexpr, FROM_END: tl.constexpr, STRICT: tl.constexpr):
+    """Row sums of x [C, D] (fp32) over s <= t (or s >= t with FROM_END; s < t / s > t with
+    STRICT), as a product with a triangular ones matrix in 3xTF32: the ones are exact in tf32
+    and x splits into two tf32 parts, so the sums are fp32-accurate."""
+    rc = tl.arange(0, C)
+    if FROM_END:
+        keep = rc[None, :] > rc[:, None] if STRICT else rc[None, :] >= rc[:, None]
+    else:
+        keep = rc[None, :] < rc[:, None] if STRICT else rc[None, :] <= rc[:, None]
+    return tl.dot(tl.where(keep, 1.0, 0.0), x, input_precision="tf32x3")
+
+
+@triton.jit
+def prefix_sums(x, C: tl.constexpr, BY_PRODUCT: tl.constexpr):
+    """Inclusive cumulative sum of x [C, D] (fp32) over rows: tl.cumsum, or with BY_PRODUCT
+    `triangular_sums` (LAUNCH["cumsum_by_product"])."""
+    if BY_PRODUCT:
+        return triangular_sums(x, C, False, False)
+    else:
+        return tl.cumsum(x, axis=0)
+
+
+@triton.jit
+def store_gate_grads(
+    score_terms, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, rows, mask, cols,
+    DK: tl.constexpr, C: tl.constexpr, BY_PRODUCT: tl.constexpr,
+):
     """dz, du of one chunk ([C, len(cols)] each, stored) from d log F_t =
         sum_{t' >= t} score_terms_{t'}      (phi_q dQ - phi_k dK of the intra-chunk scores),
       + sum_{s < t} dk_end_s                (keys before t, through the chunk-end state),
       + exp(b_end) g_h                      (the start state: g_h = rowsum(h * dh)),
     the state terms as direct sums (no difference of large terms)."""
-    d_log_f = tl.sum(score_terms, axis=0)[None, :] - tl.cumsum(score_terms, axis=0) + score_terms
-    d_log_f += tl.cumsum(dk_end, axis=0) - dk_end + (tl.exp(b_end) * g_h)[None, :]
+    if BY_PRODUCT:
+        d_log_f = triangular_sums(score_terms, C, True, False) + triangular_sums(dk_end, C, False, True)
+    else:
+        d_log_f = tl.sum(score_terms, axis=0)[None, :] - tl.cumsum(score_terms, axis=0) + score_terms
+        d_log_f += tl.cumsum(dk_end, axis=0) - dk_end
+    d_log_f += (tl.exp(b_end) * g_h)[None, :]
     offsets = rows[:, None] * DK + cols[None, :]
     z = tl.load(z_ptr + offsets, mask=mask[:, None], other=0.0).to(tl.float32)
     u = tl.load(u_ptr + offsets, mask=mask[:, None], other=0.0).to(tl.float32)
@@ -236,6 +266,7 @@ def sub_chunk_scores(
 def chunk_gates_kernel(
     z_ptr, u_ptr, k_ptr, b_ptr, bend_ptr, flag_ptr, kmax_ptr, table_ptr, cu_ptr,
     H, DK: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, LIMIT: tl.constexpr, KEY_MAX: tl.constexpr,
+    CUMSUM_DOT: tl.constexpr,
 ):
     """One chunk, one head: b = cumulative log F from the chunk start (fp32, valid rows), the
     chunk's total log decay b_end (fp32 [DK]) and the flag of `chunk_fast_path` (int8), key
@@ -253,7 +284,7 @@ def chunk_gates_kernel(
     k_max = tl.full([], float("-inf"), tl.float32)
     for kb in range(DK // BK):
         rk = kb * BK + tl.arange(0, BK)
-        b = tl.cumsum(load_chunk_gates(z_ptr, u_ptr, rows, mask, rk, DK), axis=0)
+        b = prefix_sums(load_chunk_gates(z_ptr, u_ptr, rows, mask, rk, DK), C, CUMSUM_DOT)
         tl.store(b_ptr + rows[:, None] * DK + rk[None, :], b, mask=mask[:, None])
         b_end = tl.min(b, axis=0)
         tl.store(bend_ptr + (ic.to(tl.int64) * H + head) * DK + rk, b_end)
@@ -488,4 +519,4 @@ def chunk_bwd_main_kernel(
         tl.store(dk_ptr + rows[:, None] * DK + cols, (dK + dk_end).to(dk_ptr.dtype.element_ty), mask=mask[:, None])
         D -= dK
 
-        store_gate_grads(D, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, rows, mask, rk, DK)
+        store_gate_grads(D, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, rows, mask, rk, DK, C, False)

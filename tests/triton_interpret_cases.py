@@ -243,6 +243,15 @@ def test_key_block_loop_kernels(fast_limit, packed, launch):
         _compare(_inputs(2, 150, 2, 2 * d, d, seed=12), bound=2e-5)
 
 
+def test_prefix_sums_as_triangular_products(launch):
+    """LAUNCH["cumsum_by_product"]: the gates kernel's and the whole-chunk backward's prefix
+    sums as 3xTF32 products with triangular ones matrices, chunks mixed with the sub-chunk kernels."""
+    d = launch.MIN_HEAD_DIM
+    launch.LAUNCH.update(fast_limit=17.0, cumsum_by_product=1)
+    inputs = _inputs(2, 150, 2, 2 * d, d, logit_scale=1.0, seed=6)
+    _compare(inputs, bound=2e-5)
+
+
 def test_key_block_loop_kernels_with_carried_states(launch):
     """The same kernels with states carried in from outside each segment (context parallelism)."""
     d = launch.MIN_HEAD_DIM

@@ -1,0 +1,32 @@
+"""Forward+backward passes for Nsight Compute (benchmarks/gpu_run_s4b.sh): bench_kernels.py's
+shape at one length, `--iterations` times, committed LAUNCH settings unless --launch.
+
+    ncu --clock-control none -k regex:KERNELS --launch-skip 7 --launch-count 7 python3 benchmarks/ncu_kernels.py
+"""
+
+import argparse
+
+import torch
+
+from bench_kernels import TOKENS, make_inputs, regla_chunk_call
+from regla_kernels import triton_chunk
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--launch", nargs="*", help="KEY=VALUE overrides of regla_kernels.triton_chunk.LAUNCH")
+    args = parser.parse_args()
+    for item in args.launch or []:
+        key, value = item.split("=")
+        triton_chunk.LAUNCH[key] = type(triton_chunk.LAUNCH[key])(float(value))
+    inputs = make_inputs(TOKENS // args.length, args.length, True)
+    for _ in range(args.iterations):
+        o = regla_chunk_call(inputs)
+        torch.autograd.grad(o, list(inputs[:5]), torch.ones_like(o))
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
