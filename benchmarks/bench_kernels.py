@@ -138,12 +138,12 @@ MEASURES = {"regla": measure_regla, "fla": measure_fla, "sdpa": measure_sdpa}
 # Greedy sweep: each launch setting in turn, its alternatives tried on top of the best so far
 # (an alternative may be a dict: several settings changed together).
 SWEEP = [
-    ("cumsum_by_product", [1]),
-    ("gates_stages", [2, 3]),
+    ("gates_rows_warps", [1, 2, 4]),
+    ("gates_rows_stages", [1, 3]),
+    ("fast_dv_maxnreg", [128, 168]),
+    ("gates_stages", [2]),
     ("fast_dqk_block_v", [{"fast_dqk_block_v": 64, "fast_dqk_stages": 2}]),
     ("fast_dv_block_v", [{"fast_dv_block_v": 64, "fast_dv_stages": 2}]),
-    ("fast_output_maxnreg", [128]),
-    ("fast_dqk_maxnreg", [168]),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Forward+backward passes for Nsight Compute (benchmarks/gpu_run_s4b.sh): bench_kernels.py's
+"""Forward+backward passes for Nsight Compute (benchmarks/gpu_run_kernels.sh): bench_kernels.py's
 shape at one length, `--iterations` times, committed LAUNCH settings unless --launch.
 
     ncu --clock-control none -k regex:KERNELS --launch-skip 7 --launch-count 7 python3 benchmarks/ncu_kernels.py

@@ -55,7 +55,6 @@ def main():
     parser.add_argument("--fast-bk", type=int, default=tc.LAUNCH["fast_dqk_block_k"])
     parser.add_argument("--fast-dv-bv", type=int, default=tc.LAUNCH["fast_dv_block_v"])
     parser.add_argument("--gates-bk", type=int, default=tc.LAUNCH["gates_block_k"])
-    parser.add_argument("--cumsum-dot", action="store_true", help="LAUNCH cumsum_by_product=1")
     a = parser.parse_args()
     warps = {k.replace("_warps", ""): v for k, v in tc.LAUNCH.items() if k.endswith("_warps")}
     warps.update({k: int(v) for k, v in (w.split("=") for w in a.warps)})
@@ -69,13 +68,14 @@ def main():
                 h0_ptr=f32, ht_ptr=f32, dht_ptr=f32, dh0_ptr=f32, bend_ptr=f32, hadd_ptr=f32, hdecay_ptr=f32,
                 dhadd_ptr=f32, dhdecay_ptr=f32, qmax_ptr=f32, da_ptr=p if a.dtype == "bf16" else f32, scale="fp32", H="i32")
     jobs = []
-    jobs.append(("gates", ts.chunk_gates_kernel, dict(DK=d, C=tc.CHUNK_SIZE, BK=min(d, a.gates_bk), LIMIT=60.0, KEY_MAX=True, CUMSUM_DOT=a.cumsum_dot), warps["gates"]))
+    jobs.append(("gates", ts.chunk_gates_kernel, dict(DK=d, C=tc.CHUNK_SIZE, BK=min(d, a.gates_bk), LIMIT=60.0, KEY_MAX=True), warps["gates"]))
+    jobs.append(("gates_rows", ts.chunk_gates_rows_kernel, dict(DK=d, C=tc.CHUNK_SIZE, LIMIT=60.0, KEY_MAX=True, STAGES=2), warps.get("gates_rows", 1) or 1))
     jobs.append(("fwd_states", ts.chunk_fwd_states_kernel, dict(DK=d, DV=d, C=tc.CHUNK_SIZE, BK=64, BV=64, HAS_H0=False, STORE_HT=True, DT=dt), warps["states"]))
     jobs.append(("fwd_output_fast", tf.chunk_fwd_output_fast_kernel, dict(DK=d, DV=d, C=tc.CHUNK_SIZE, BV=a.fast_output_bv, DT=dt, HAS_HADD=a.carry), warps["fast_output"]))
     jobs.append(("fwd_output_sub", ts.chunk_fwd_output_kernel, dict(common, BV=64, DT=tl.float32, DIAG_LIMIT=-1.0, HAS_HADD=a.carry), warps["output"]))
     jobs.append(("bwd_dstates", ts.chunk_bwd_dstates_kernel, dict(DK=d, DV=d, C=tc.CHUNK_SIZE, BK=64, BV=64, HAS_DHT=False, DT=dt), warps["states"]))
     jobs.append(("bwd_dv_fast", tf.chunk_bwd_dv_fast_kernel, dict(DK=d, DV=d, C=tc.CHUNK_SIZE, BV=a.fast_dv_bv, DT=dt, HAS_DHADD=a.carry), warps["fast_dv"]))
-    jobs.append(("bwd_dqk_fast", tf.chunk_bwd_dqk_fast_kernel, dict(DK=d, DV=d, C=tc.CHUNK_SIZE, BK=a.fast_bk, BV=a.fast_bwd_bv, DT=dt, HAS_HADD=a.carry, HAS_DHADD=a.carry, CUMSUM_DOT=a.cumsum_dot), warps["fast_dqk"]))
+    jobs.append(("bwd_dqk_fast", tf.chunk_bwd_dqk_fast_kernel, dict(DK=d, DV=d, C=tc.CHUNK_SIZE, BK=a.fast_bk, BV=a.fast_bwd_bv, DT=dt, HAS_HADD=a.carry, HAS_DHADD=a.carry), warps["fast_dqk"]))
     jobs.append(("bwd_main_sub", ts.chunk_bwd_main_kernel, dict(common, BV=32, DT=tl.float32, DIAG_LIMIT=-1.0, HAS_HADD=a.carry, HAS_DHADD=a.carry), warps["bwd"]))
     print(f"triton {triton.__version__}, sm_90, {a.dtype}, d={d}, warps {warps}")
     for name, fn, constexprs, w in jobs:

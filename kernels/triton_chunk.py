@@ -27,15 +27,10 @@ import triton
 import triton.language as tl
 
 from .gating import refined_log_gate, sequence_key_max
-from .triton_fast import (
-    chunk_bwd_dqk_fast_kernel,
-    chunk_bwd_dv_fast_kernel,
-    chunk_bwd_fast_kernel,
-    chunk_fwd_output_fast_kb_kernel,
-    chunk_fwd_output_fast_kernel,
-)
+from .triton_fast import chunk_bwd_dqk_fast_kernel, chunk_bwd_dv_fast_kernel, chunk_fwd_output_fast_kernel
 from .triton_stages import (
     chunk_gates_kernel,
+    chunk_gates_rows_kernel,
     chunk_bwd_dstates_kernel,
     chunk_bwd_main_kernel,
     chunk_fwd_output_kernel,
@@ -77,19 +72,14 @@ LAUNCH = {
     "fast_dqk_warps": 8,
     "fast_dqk_block_k": 32,
     "fast_dqk_block_v": 128,
-    # Key blocks of the key-block-loop kernels (one program per chunk and head, all value
-    # columns at once): 0 = the value-block kernels above instead. fast_bwd_block_k > 0 fuses
-    # the dv and dq/dk kernels (no score-gradient buffer).
-    "fast_output_block_k": 0,
-    "fast_bwd_block_k": 0,
-    "fast_bwd_warps": 8,
     # Software-pipelining depth of the loops over key blocks (gates) and value blocks (dv, dq/dk).
     "gates_stages": 1,
+    # > 0: the gates kernel token by token (`chunk_gates_rows_kernel`) with this many warps
+    # and gates_rows_stages loads in flight; 0: over [C, gates_block_k] tiles.
+    "gates_rows_warps": 0,
+    "gates_rows_stages": 2,
     "fast_dv_stages": 1,
     "fast_dqk_stages": 1,
-    # 1: the chunk prefix sums of the gates and gate gradients as triangular products (3xTF32)
-    # instead of tl.cumsum (whole-chunk kernels and the gates kernel).
-    "cumsum_by_product": 0,
     # Long sequences, few of them (B x H small): with a final state not asked for, and state
     # passes of fewer than segment_below_programs programs, cut each sequence into up to 8 equal
     # segments (the context-parallel kernel path, the states carried between them on this
@@ -106,7 +96,6 @@ LAUNCH = {
     "fast_output_maxnreg": 0,
     "fast_dv_maxnreg": 0,
     "fast_dqk_maxnreg": 0,
-    "fast_bwd_maxnreg": 0,
 }
 POISON = os.environ.get("REGLA_TRITON_POISON", "0") == "1"
 
@@ -226,12 +215,18 @@ def _gates(z, u, k, cu, table, total, key_max=None, out=None, need_key_max=True)
     compute_max = key_max is None and need_key_max
     if compute_max:
         key_max = torch.full((cu.numel() - 1, heads), float("-inf"), device=z.device, dtype=torch.float32)
-    chunk_gates_kernel[(total, heads)](
-        z, u, k, b, chunk_decay, flags, key_max if key_max is not None else b, table, cu,
-        heads, DK=dk, C=CHUNK_SIZE, BK=min(dk, LAUNCH["gates_block_k"]), LIMIT=_fast_limit(), KEY_MAX=compute_max,
-        CUMSUM_DOT=bool(LAUNCH["cumsum_by_product"]),
-        num_warps=LAUNCH["gates_warps"], num_stages=LAUNCH["gates_stages"], **_register_cap("gates"),
-    )
+    if LAUNCH["gates_rows_warps"] > 0:
+        chunk_gates_rows_kernel[(total, heads)](
+            z, u, k, b, chunk_decay, flags, key_max if key_max is not None else b, table, cu,
+            heads, DK=dk, C=CHUNK_SIZE, LIMIT=_fast_limit(), KEY_MAX=compute_max, STAGES=LAUNCH["gates_rows_stages"],
+            num_warps=LAUNCH["gates_rows_warps"], **_register_cap("gates"),
+        )
+    else:
+        chunk_gates_kernel[(total, heads)](
+            z, u, k, b, chunk_decay, flags, key_max if key_max is not None else b, table, cu,
+            heads, DK=dk, C=CHUNK_SIZE, BK=min(dk, LAUNCH["gates_block_k"]), LIMIT=_fast_limit(), KEY_MAX=compute_max,
+            num_warps=LAUNCH["gates_warps"], num_stages=LAUNCH["gates_stages"], **_register_cap("gates"),
+        )
     return b, chunk_decay, flags, key_max
 
 
@@ -275,13 +270,7 @@ def _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, h_carry=
         out = (_empty(tokens, heads, dv, device=q.device, dtype=q.dtype), _empty(tokens, heads, device=q.device, dtype=torch.float32))
     o, q_max = out
     h_add, h_decay, has_h_add = _carried(h_carry, b)
-    if _fast_limit() >= 0 and LAUNCH["fast_output_block_k"] > 0:
-        chunk_fwd_output_fast_kb_kernel[(total, heads)](
-            q, k, v, b, flags, key_max, h, h_add, h_decay, o, q_max, table, cu, scale,
-            heads, DK=dk, DV=dv, C=CHUNK_SIZE, BK=min(dk, LAUNCH["fast_output_block_k"]), DT=_dot_dtype(q.dtype),
-            HAS_HADD=has_h_add, num_warps=LAUNCH["fast_output_warps"], num_stages=1, **_register_cap("fast_output"),
-        )
-    elif _fast_limit() >= 0:
+    if _fast_limit() >= 0:
         chunk_fwd_output_fast_kernel[(total, heads)](
             q, k, v, b, flags, key_max, h, h_add, h_decay, o, q_max, table, cu, scale,
             heads, DK=dk, DV=dv, C=CHUNK_SIZE, BV=min(dv, LAUNCH["fast_output_block_v"]), DT=_dot_dtype(q.dtype),
@@ -319,16 +308,7 @@ def _bwd_main(q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, sca
     h_add, h_decay, has_h_add = _carried(h_carry, b)
     dh_add, dh_decay, has_dh_add = _carried(dh_carry, b)
     dq, dk_, dz, du, dv_ = (_empty(*x.shape, device=x.device, dtype=x.dtype) for x in (q, k, z, u, v))
-    if _fast_limit() >= 0 and LAUNCH["fast_bwd_block_k"] > 0:
-        chunk_bwd_fast_kernel[(total, heads)](
-            q, k, v, z, u, b, flags, key_max, q_max, h, h_add, h_decay, dh, dh_add, dh_decay, do,
-            dq, dk_, dv_, dz, du, table, cu, scale,
-            heads, DK=dk, DV=dv, C=CHUNK_SIZE, BK=min(dk, LAUNCH["fast_bwd_block_k"]), DT=dt,
-            HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, CUMSUM_DOT=bool(LAUNCH["cumsum_by_product"]),
-            num_warps=LAUNCH["fast_bwd_warps"], num_stages=1,
-            **_register_cap("fast_bwd"),
-        )
-    elif _fast_limit() >= 0:
+    if _fast_limit() >= 0:
         score_grad = torch.empty(total, heads, CHUNK_SIZE, CHUNK_SIZE, device=q.device, dtype=_state_dtype(q.dtype))
         chunk_bwd_dv_fast_kernel[(total, heads)](
             q, k, v, b, flags, key_max, dh, dh_add, dh_decay, do, dv_, score_grad, table, cu, scale,
@@ -340,8 +320,7 @@ def _bwd_main(q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, sca
             q, k, v, z, u, b, flags, key_max, q_max, score_grad, h, h_add, h_decay, dh, dh_add, dh_decay, do,
             dq, dk_, dz, du, table, cu, scale,
             heads, DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=min(dv, LAUNCH["fast_dqk_block_v"]), DT=dt,
-            HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, CUMSUM_DOT=bool(LAUNCH["cumsum_by_product"]),
-            num_warps=LAUNCH["fast_dqk_warps"], num_stages=LAUNCH["fast_dqk_stages"], **_register_cap("fast_dqk"),
+            HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, num_warps=LAUNCH["fast_dqk_warps"], num_stages=LAUNCH["fast_dqk_stages"], **_register_cap("fast_dqk"),
         )
         del score_grad
     chunk_bwd_main_kernel[(total, heads)](

@@ -115,7 +115,7 @@ def chunk_bwd_dqk_fast_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, u_ptr, b_ptr, flag_ptr, kmax_ptr, qmax_ptr, da_ptr, h_ptr, hadd_ptr, hdecay_ptr,
     dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dq_ptr, dk_ptr, dz_ptr, du_ptr, table_ptr, cu_ptr, scale,
     H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
-    HAS_HADD: tl.constexpr, HAS_DHADD: tl.constexpr, CUMSUM_DOT: tl.constexpr,
+    HAS_HADD: tl.constexpr, HAS_DHADD: tl.constexpr,
 ):
     """dq, dk and both gate-logit gradients of one safe chunk, one head, BK key features
     (every one of them is separable over the key features once dA is known: it is read from
@@ -152,100 +152,4 @@ def chunk_bwd_dqk_fast_kernel(
         dk_end = phi_k * tl.exp(b_end[None, :] - b) * dk_state
         tl.store(dk_ptr + rows[:, None] * DK + cols, (dk_scores + dk_end).to(dk_ptr.dtype.element_ty), mask=mask[:, None])
 
-        store_gate_grads(dq - dk_scores, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, rows, mask, rk, DK, C, CUMSUM_DOT)
-
-
-@triton.jit
-def query_max(q_ptr, rows, mask, DK: tl.constexpr):
-    """rowmax q [C] (fp32) of one chunk, all DK features."""
-    q = tl.load(q_ptr + rows[:, None] * DK + tl.arange(0, DK)[None, :], mask=mask[:, None], other=0.0)
-    return tl.max(q.to(tl.float32), axis=1)
-
-
-@triton.jit
-def chunk_fwd_output_fast_kb_kernel(
-    q_ptr, k_ptr, v_ptr, b_ptr, flag_ptr, kmax_ptr, h_ptr, hadd_ptr, hdecay_ptr, o_ptr, qmax_ptr, table_ptr, cu_ptr, scale,
-    H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr, HAS_HADD: tl.constexpr,
-):
-    """`chunk_fwd_output_fast_kernel` over BK key features at a time: the scores and the state
-    term accumulate over key blocks ([C, BK] gate tiles instead of [C, DK] ones: fewer registers,
-    more programs per multiprocessor), all DV value columns at once."""
-    ic = tl.program_id(0)
-    head = tl.program_id(1)
-    n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, C)
-    rc = tl.arange(0, C)
-    rv = tl.arange(0, DV)
-    if fast != 0:
-        q_max = query_max(q_ptr, rows, mask, DK)
-        tl.store(qmax_ptr + rows, q_max, mask=mask)
-        scores = tl.zeros([C, C], dtype=tl.float32)
-        o = tl.zeros([C, DV], dtype=tl.float32)
-        for kb in range(DK // BK):
-            rk = kb * BK + tl.arange(0, BK)
-            b, b_end, b_ref, phi_k = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, rows, mask, rk, DK, C)
-            q = tl.load(q_ptr + rows[:, None] * DK + rk[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
-            phi_q = tl.where(mask[:, None], tl.exp(q - q_max[:, None]), 0.0)
-            q_t = (phi_q * tl.exp(b - b_ref[None, :])).to(DT)
-            k_t = (phi_k * tl.exp(b_ref[None, :] - b)).to(DT)
-            scores += tl.dot(q_t, tl.trans(k_t))
-            h = load_state(h_ptr, ic, n, head, H, rk, rv, DK, DV, hadd_ptr, hdecay_ptr, HAS_HADD)
-            o += tl.dot(q_t, (h * tl.exp(b_ref)[:, None]).to(DT))
-        A = tl.where(rc[:, None] >= rc[None, :], scores, 0.0).to(DT)
-        v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
-        o += tl.dot(A, v)
-        tl.store(o_ptr + rows[:, None] * DV + rv[None, :], (o * scale).to(o_ptr.dtype.element_ty), mask=mask[:, None])
-
-
-@triton.jit
-def chunk_bwd_fast_kernel(
-    q_ptr, k_ptr, v_ptr, z_ptr, u_ptr, b_ptr, flag_ptr, kmax_ptr, qmax_ptr, h_ptr, hadd_ptr, hdecay_ptr,
-    dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, dz_ptr, du_ptr, table_ptr, cu_ptr, scale,
-    H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
-    HAS_HADD: tl.constexpr, HAS_DHADD: tl.constexpr, CUMSUM_DOT: tl.constexpr,
-):
-    """Every input gradient of one safe chunk and head in one program: `chunk_bwd_dv_fast_kernel`
-    then `chunk_bwd_dqk_fast_kernel`, with v, do and the score gradient dA kept on chip (no dA
-    buffer, v and do read once); both passes go over BK key features at a time."""
-    ic = tl.program_id(0)
-    head = tl.program_id(1)
-    n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, C)
-    rc = tl.arange(0, C)
-    rv = tl.arange(0, DV)
-    if fast != 0:
-        # dv = (scale tril(Q~ K~^T))^T do + k_end dh, A^T accumulated over key blocks
-        scores_t = tl.zeros([C, C], dtype=tl.float32)
-        dv = tl.zeros([C, DV], dtype=tl.float32)
-        for kb in range(DK // BK):
-            rk = kb * BK + tl.arange(0, BK)
-            b, b_end, b_ref, phi_k = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, rows, mask, rk, DK, C)
-            k_t = (phi_k * tl.exp(b_ref[None, :] - b)).to(DT)
-            k_end = (phi_k * tl.exp(b_end[None, :] - b)).to(DT)
-            q_t = (load_query_features_cols(q_ptr, qmax_ptr, rows, mask, rk, DK) * tl.exp(b - b_ref[None, :])).to(DT)
-            scores_t += tl.dot(k_t, tl.trans(q_t))
-            dh = load_state(dh_ptr, ic, n, head, H, rk, rv, DK, DV, dhadd_ptr, dhdecay_ptr, HAS_DHADD)
-            dv += tl.dot(k_end, dh.to(DT))
-        At = (tl.where(rc[:, None] <= rc[None, :], scores_t, 0.0) * scale).to(DT)
-        do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
-        v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
-        dv += tl.dot(At, do)
-        tl.store(dv_ptr + rows[:, None] * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask[:, None])
-        dA = tl.where(rc[:, None] >= rc[None, :], tl.dot(do, tl.trans(v)) * scale, 0.0).to(DT)
-
-        # dq, dk and the gate-logit gradients, key block by key block
-        for kb in range(DK // BK):
-            rk = kb * BK + tl.arange(0, BK)
-            cols = rk[None, :]
-            b, b_end, b_ref, phi_k = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, rows, mask, rk, DK, C)
-            h = load_state(h_ptr, ic, n, head, H, rk, rv, DK, DV, hadd_ptr, hdecay_ptr, HAS_HADD)
-            dh = load_state(dh_ptr, ic, n, head, H, rk, rv, DK, DV, dhadd_ptr, dhdecay_ptr, HAS_DHADD)
-            dq_state = tl.dot(do, tl.trans((h * tl.exp(b_ref)[:, None]).to(DT)))
-            dk_state = tl.dot(v, tl.trans(dh.to(DT)))
-            g_h = tl.sum(h * dh, axis=1)
-            k_t = (phi_k * tl.exp(b_ref[None, :] - b)).to(DT)
-            q_t = (load_query_features_cols(q_ptr, qmax_ptr, rows, mask, rk, DK) * tl.exp(b - b_ref[None, :])).to(DT)
-            dq = q_t.to(tl.float32) * (dq_state * scale + tl.dot(dA, k_t))
-            tl.store(dq_ptr + rows[:, None] * DK + cols, dq.to(dq_ptr.dtype.element_ty), mask=mask[:, None])
-            dk_scores = k_t.to(tl.float32) * tl.dot(tl.trans(dA), q_t)
-            dk_end = phi_k * tl.exp(b_end[None, :] - b) * dk_state
-            tl.store(dk_ptr + rows[:, None] * DK + cols, (dk_scores + dk_end).to(dk_ptr.dtype.element_ty), mask=mask[:, None])
-            store_gate_grads(dq - dk_scores, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, rows, mask, rk, DK, C, CUMSUM_DOT)
+        store_gate_grads(dq - dk_scores, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, rows, mask, rk, DK)

@@ -200,44 +200,14 @@ def load_state(
 
 
 @triton.jit
-def triangular_sums(x, C: tl.constexpr, FROM_END: tl.constexpr, STRICT: tl.constexpr):
-    """Row sums of x [C, D] (fp32) over s <= t (or s >= t with FROM_END; s < t / s > t with
-    STRICT), as a product with a triangular ones matrix in 3xTF32: the ones are exact in tf32
-    and x splits into two tf32 parts, so the sums are fp32-accurate."""
-    rc = tl.arange(0, C)
-    if FROM_END:
-        keep = rc[None, :] > rc[:, None] if STRICT else rc[None, :] >= rc[:, None]
-    else:
-        keep = rc[None, :] < rc[:, None] if STRICT else rc[None, :] <= rc[:, None]
-    return tl.dot(tl.where(keep, 1.0, 0.0), x, input_precision="tf32x3")
-
-
-@triton.jit
-def prefix_sums(x, C: tl.constexpr, BY_PRODUCT: tl.constexpr):
-    """Inclusive cumulative sum of x [C, D] (fp32) over rows: tl.cumsum, or with BY_PRODUCT
-    `triangular_sums` (LAUNCH["cumsum_by_product"])."""
-    if BY_PRODUCT:
-        return triangular_sums(x, C, False, False)
-    else:
-        return tl.cumsum(x, axis=0)
-
-
-@triton.jit
-def store_gate_grads(
-    score_terms, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, rows, mask, cols,
-    DK: tl.constexpr, C: tl.constexpr, BY_PRODUCT: tl.constexpr,
-):
+def store_gate_grads(score_terms, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, rows, mask, cols, DK: tl.constexpr):
     """dz, du of one chunk ([C, len(cols)] each, stored) from d log F_t =
         sum_{t' >= t} score_terms_{t'}      (phi_q dQ - phi_k dK of the intra-chunk scores),
       + sum_{s < t} dk_end_s                (keys before t, through the chunk-end state),
       + exp(b_end) g_h                      (the start state: g_h = rowsum(h * dh)),
     the state terms as direct sums (no difference of large terms)."""
-    if BY_PRODUCT:
-        d_log_f = triangular_sums(score_terms, C, True, False) + triangular_sums(dk_end, C, False, True)
-    else:
-        d_log_f = tl.sum(score_terms, axis=0)[None, :] - tl.cumsum(score_terms, axis=0) + score_terms
-        d_log_f += tl.cumsum(dk_end, axis=0) - dk_end
-    d_log_f += (tl.exp(b_end) * g_h)[None, :]
+    d_log_f = tl.sum(score_terms, axis=0)[None, :] - tl.cumsum(score_terms, axis=0) + score_terms
+    d_log_f += tl.cumsum(dk_end, axis=0) - dk_end + (tl.exp(b_end) * g_h)[None, :]
     offsets = rows[:, None] * DK + cols[None, :]
     z = tl.load(z_ptr + offsets, mask=mask[:, None], other=0.0).to(tl.float32)
     u = tl.load(u_ptr + offsets, mask=mask[:, None], other=0.0).to(tl.float32)
@@ -266,7 +236,6 @@ def sub_chunk_scores(
 def chunk_gates_kernel(
     z_ptr, u_ptr, k_ptr, b_ptr, bend_ptr, flag_ptr, kmax_ptr, table_ptr, cu_ptr,
     H, DK: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, LIMIT: tl.constexpr, KEY_MAX: tl.constexpr,
-    CUMSUM_DOT: tl.constexpr,
 ):
     """One chunk, one head: b = cumulative log F from the chunk start (fp32, valid rows), the
     chunk's total log decay b_end (fp32 [DK]) and the flag of `chunk_fast_path` (int8), key
@@ -279,12 +248,13 @@ def chunk_gates_kernel(
     mask = tok < eos
     rows = tok * H + head
     # A rolled loop: unrolled, the compiler keeps every key block's gate chain live (231
-    # registers at BK 64, one program per multiprocessor); rolled, BK 32 needs 70.
+    # registers at BK 64: one program per multiprocessor). Rolled, at BK 16, Triton 3.6 uses 48
+    # and the H200 runs 5 programs per multiprocessor (benchmarks/runs/s4_0150/ncu.log).
     fast = tl.full([], 1, tl.int32)
     k_max = tl.full([], float("-inf"), tl.float32)
     for kb in range(DK // BK):
         rk = kb * BK + tl.arange(0, BK)
-        b = prefix_sums(load_chunk_gates(z_ptr, u_ptr, rows, mask, rk, DK), C, CUMSUM_DOT)
+        b = tl.cumsum(load_chunk_gates(z_ptr, u_ptr, rows, mask, rk, DK), axis=0)
         tl.store(b_ptr + rows[:, None] * DK + rk[None, :], b, mask=mask[:, None])
         b_end = tl.min(b, axis=0)
         tl.store(bend_ptr + (ic.to(tl.int64) * H + head) * DK + rk, b_end)
@@ -296,6 +266,37 @@ def chunk_gates_kernel(
     tl.store(flag_ptr + ic.to(tl.int64) * H + head, fast.to(tl.int8))
     if KEY_MAX:
         tl.atomic_max(kmax_ptr + n * H + head, k_max)
+
+
+@triton.jit
+def chunk_gates_rows_kernel(
+    z_ptr, u_ptr, k_ptr, b_ptr, bend_ptr, flag_ptr, kmax_ptr, table_ptr, cu_ptr,
+    H, DK: tl.constexpr, C: tl.constexpr, LIMIT: tl.constexpr, KEY_MAX: tl.constexpr, STAGES: tl.constexpr,
+):
+    """`chunk_gates_kernel` token by token: one program per chunk and head walks the chunk's
+    rows (all DK features, one contiguous row of z, u and k per step) and keeps b as a running
+    sum in registers: no scan across threads, few registers, many programs per multiprocessor."""
+    ic = tl.program_id(0)
+    head = tl.program_id(1)
+    n, c, start, eos = chunk_location(table_ptr, cu_ptr, ic, C)
+    rk = tl.arange(0, DK)
+    b = tl.zeros([DK], dtype=tl.float32)
+    b_ref = tl.zeros([DK], dtype=tl.float32)
+    k_max = tl.full([DK], float("-inf"), tl.float32)
+    for t in tl.range(0, tl.minimum(eos - start, C), num_stages=STAGES):
+        offsets = ((start + t) * H + head) * DK + rk
+        z = tl.load(z_ptr + offsets).to(tl.float32)
+        u = tl.load(u_ptr + offsets).to(tl.float32)
+        b += refined_log_gate_tl(z, u)
+        tl.store(b_ptr + offsets, b)
+        b_ref = tl.where(t < C // 2, b, b_ref)  # b at row C/2 - 1, or at the last row of a shorter chunk
+        if KEY_MAX:
+            k_max = tl.maximum(k_max, tl.load(k_ptr + offsets).to(tl.float32))
+    tl.store(bend_ptr + (ic.to(tl.int64) * H + head) * DK + rk, b)
+    fast = (tl.min(b_ref, axis=0) >= -LIMIT) & (tl.min(b - b_ref, axis=0) >= -LIMIT) & (LIMIT >= 0)
+    tl.store(flag_ptr + ic.to(tl.int64) * H + head, fast.to(tl.int8))
+    if KEY_MAX:
+        tl.atomic_max(kmax_ptr + n * H + head, tl.max(k_max, axis=0))
 
 
 @triton.jit
@@ -519,4 +520,4 @@ def chunk_bwd_main_kernel(
         tl.store(dk_ptr + rows[:, None] * DK + cols, (dK + dk_end).to(dk_ptr.dtype.element_ty), mask=mask[:, None])
         D -= dK
 
-        store_gate_grads(D, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, rows, mask, rk, DK, C, False)
+        store_gate_grads(D, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, rows, mask, rk, DK)

@@ -224,45 +224,26 @@ def test_split_key_and_value_blocks(launch):
     _compare(_inputs(2, 150, 2, 2 * d, 2 * d, seed=1), bound=2e-5)
 
 
-@pytest.mark.parametrize("fast_limit, packed", [(60.0, False), (17.0, True)])
-def test_key_block_loop_kernels(fast_limit, packed, launch):
-    """The key-block-loop output kernel and the fused backward kernel (two key blocks), alone
-    (fast_limit 60) and mixed chunk by chunk with the sub-chunk kernels over packed sequences."""
+@pytest.mark.parametrize("warps, stages", [(1, 2), (2, 1)])
+def test_gates_token_by_token(warps, stages, launch):
+    """LAUNCH["gates_rows_warps"]: the token-by-token gates kernel gives the tiled kernel's b,
+    chunk decays, flags and key max (packed sequences, fast and sub-chunk chunks mixed), and
+    the whole forward and backward on top of it match the fp64 recurrence."""
     d = launch.MIN_HEAD_DIM
-    launch.LAUNCH.update(fast_limit=fast_limit, fast_output_block_k=d, fast_bwd_block_k=d)
-    if packed:
-        lengths = [37, 100, 13]
-        cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
-        inputs = _inputs(1, sum(lengths), 2, 2 * d, 2 * d, sequences=len(lengths), logit_scale=1.0, seed=11)
-        fast = torch.cat([
-            launch.fast_chunk_mask(inputs[3][:, a:e], inputs[4][:, a:e]).flatten() for a, e in zip(cu[:-1], cu[1:])
-        ])
-        assert fast.any() and not fast.all(), fast
-        _compare(inputs, bound=2e-5, cu_seqlens=cu)
-    else:
-        _compare(_inputs(2, 150, 2, 2 * d, d, seed=12), bound=2e-5)
-
-
-def test_prefix_sums_as_triangular_products(launch):
-    """LAUNCH["cumsum_by_product"]: the gates kernel's and the whole-chunk backward's prefix
-    sums as 3xTF32 products with triangular ones matrices, chunks mixed with the sub-chunk kernels."""
-    d = launch.MIN_HEAD_DIM
-    launch.LAUNCH.update(fast_limit=17.0, cumsum_by_product=1)
-    inputs = _inputs(2, 150, 2, 2 * d, d, logit_scale=1.0, seed=6)
-    _compare(inputs, bound=2e-5)
-
-
-def test_key_block_loop_kernels_with_carried_states(launch):
-    """The same kernels with states carried in from outside each segment (context parallelism)."""
-    d = launch.MIN_HEAD_DIM
-    launch.LAUNCH.update(fast_output_block_k=d, fast_bwd_block_k=d)
-    inputs = _inputs(2, 48 * 3, 2, 2 * d, d, seed=13)
-    got = _run_with(_by_segments(3, 1), inputs)
-    ref = _run("naive", [x.double() for x in inputs], with_state=False)
-    for name, a, b in zip(NAMES, got, ref):
-        if name != "final_state":
-            assert torch.isfinite(a).all(), name
-            assert ((a.double() - b).norm() / b.norm()).item() < 2e-5, name
+    lengths = [37, 100, 13]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    inputs = _inputs(1, sum(lengths), 2, 2 * d, 2 * d, sequences=len(lengths), logit_scale=1.0, seed=11)
+    launch.LAUNCH.update(fast_limit=17.0)
+    offsets, table, total = launch._chunk_tables(cu, launch.CHUNK_SIZE)
+    z, u, k = (x[0].contiguous() for x in (inputs[3], inputs[4], inputs[1]))
+    tiled = launch._gates(z, u, k, cu, table, total)
+    launch.LAUNCH.update(gates_rows_warps=warps, gates_rows_stages=stages)
+    rows = launch._gates(z, u, k, cu, table, total)
+    assert tiled[2].any() and not tiled[2].all(), tiled[2]
+    assert torch.equal(rows[2], tiled[2]) and torch.equal(rows[3], tiled[3])
+    for a, b in zip(rows[:2], tiled[:2]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    _compare(inputs, bound=2e-5, cu_seqlens=cu)
 
 
 def test_saturated_gates(launch):
