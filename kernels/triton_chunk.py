@@ -84,7 +84,7 @@ LAUNCH = {
     # passes of fewer than segment_below_programs programs, cut each sequence into up to 8 equal
     # segments (the context-parallel kernel path, the states carried between them on this
     # device) until they have segment_min_programs. H200, bf16, 64K tokens, H 16, d 128
-    # (benchmarks/runs/s4_0130, s4_0145): B = 1 13.39 ms in one pass, 10.10 as 8 segments;
+    # (benchmarks/runs/s4_call1, s4_call2): B = 1 13.39 ms in one pass, 10.10 as 8 segments;
     # B = 2 (64 programs) 10.28 -> 10.18 as 4; B = 4 (128 programs) 9.23 -> 10.09 as 2 (hence
     # the lower bound). 0 = off.
     "segment_below_programs": 66,

@@ -249,7 +249,7 @@ def chunk_gates_kernel(
     rows = tok * H + head
     # A rolled loop: unrolled, the compiler keeps every key block's gate chain live (231
     # registers at BK 64: one program per multiprocessor). Rolled, at BK 16, Triton 3.6 uses 48
-    # and the H200 runs 5 programs per multiprocessor (benchmarks/runs/s4_0150/ncu.log).
+    # and the H200 runs 5 programs per multiprocessor (benchmarks/runs/s4_call3/ncu.log).
     fast = tl.full([], 1, tl.int32)
     k_max = tl.full([], float("-inf"), tl.float32)
     for kb in range(DK // BK):
