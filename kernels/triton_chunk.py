@@ -76,7 +76,7 @@ LAUNCH = {
     "gates_stages": 1,
     # > 0: the gates kernel token by token (`chunk_gates_rows_kernel`) with this many warps
     # and gates_rows_stages loads in flight; 0: over [C, gates_block_k] tiles.
-    "gates_rows_warps": 0,
+    "gates_rows_warps": 1,
     "gates_rows_stages": 2,
     "fast_dv_stages": 1,
     "fast_dqk_stages": 1,
