@@ -134,6 +134,37 @@ def check_segments(label, batch, length, heads, d, dtype, segments, slots, seed=
     return ok
 
 
+def check_strided(label, batch, length, heads, d, dtype, seqlens=None, seed=0):
+    """q, k, v, z, u as views of one [s, b, H, 5d] projection seen as [b, s] (Megatron's layout,
+    read in place by the kernels) against the torch reference on contiguous fp64 copies: output,
+    final state and the gradients of the projection and the initial state."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    cu = None if seqlens is None else torch.tensor([0] + list(torch.tensor(seqlens).cumsum(0)), device="cuda", dtype=torch.int32)
+    sequences = batch if seqlens is None else len(seqlens)
+    proj = torch.randn(length, batch, heads, 5 * d, generator=gen, device="cuda")
+    proj[..., 3 * d : 4 * d] += 2.0  # gate logits around 2, as in `draw`
+    h0 = torch.randn(sequences, heads, d, d, generator=gen, device="cuda")
+    w_o = torch.randn(batch, length, heads, d, generator=gen, device="cuda", dtype=torch.float64)
+    w_s = torch.randn(sequences, heads, d, d, generator=gen, device="cuda", dtype=torch.float64)
+
+    def run_one(backend, cast):
+        leaves = [cast(x).detach().requires_grad_(True) for x in (proj, h0)]
+        pieces = leaves[0].transpose(0, 1).split(d, dim=-1)
+        o, state = chunk_regla(*pieces, initial_state=leaves[1], output_final_state=True, cu_seqlens=cu, backend=backend)
+        loss = (o.double() * w_o).sum() + (state.double() * w_s).sum()
+        return [o.detach(), state.detach(), *torch.autograd.grad(loss, leaves)]
+
+    got = run_one("triton", lambda x: x.to(dtype))
+    ref = run_one("torch", lambda x: x.to(dtype).double())
+    names = ["o", "final_state", "dprojection", "dinitial"]
+    errors = {name: rel(a, b) for name, a, b in zip(names, got, ref)}
+    finite = all(bool(torch.isfinite(a).all()) for a in got)
+    ok = finite and all(e < BOUNDS[dtype] for e in errors.values())
+    text = " ".join(f"{n}={e:.1e}" for n, e in errors.items())
+    print(f"{'PASS' if ok else 'FAIL'} {label:38s} bound {BOUNDS[dtype]:.0e} finite={finite} {text}", flush=True)
+    return ok
+
+
 def check_decode(label, batch, heads, dk, dv, dtype, steps=6, seed=0):
     """Triton decode steps against the torch step in fp64 (output, state, running key max)."""
     from regla_kernels import regla_step
@@ -201,6 +232,13 @@ def main():
                          ("long sequences as 8 segments bf16 B2 T8192 H4", 2, 8192, 4, 128, torch.bfloat16, 8, 0)]:
         try:
             results.append(check_segments(label, *case))
+        except Exception as error:
+            print(f"FAIL {label}: {type(error).__name__}: {str(error)[:300]}", flush=True)
+            results.append(False)
+    for label, *case in [("strided [s, b] projection bf16 B2 T1000 H4 d128", 2, 1000, 4, 128, torch.bfloat16),
+                         ("strided packed [100, 900, 27] fp32 H2 d64", 1, 1027, 2, 64, torch.float32, [100, 900, 27])]:
+        try:
+            results.append(check_strided(label, *case))
         except Exception as error:
             print(f"FAIL {label}: {type(error).__name__}: {str(error)[:300]}", flush=True)
             results.append(False)

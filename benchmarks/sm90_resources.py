@@ -67,6 +67,8 @@ def main():
                 do_ptr=p, o_ptr=p, dq_ptr=p, dk_ptr=p, dv_ptr=p, dz_ptr=p, du_ptr=p, table_ptr=i32, cu_ptr=i32, choff_ptr=i32,
                 h0_ptr=f32, ht_ptr=f32, dht_ptr=f32, dh0_ptr=f32, bend_ptr=f32, hadd_ptr=f32, hdecay_ptr=f32,
                 dhadd_ptr=f32, dhdecay_ptr=f32, qmax_ptr=f32, da_ptr=p if a.dtype == "bf16" else f32, scale="fp32", H="i32")
+    # input strides (`triton_chunk._layout`): Megatron's [s, b] projection views, divisible by 16
+    args.update({name: "i32" for name in ("S_T", "S_N", "S_H", "V_T", "V_N", "V_H", "Z_T", "Z_N", "Z_H")})
     jobs = []
     jobs.append(("gates", ts.chunk_gates_kernel, dict(DK=d, C=tc.CHUNK_SIZE, BK=min(d, a.gates_bk), LIMIT=60.0, KEY_MAX=True), warps["gates"]))
     jobs.append(("gates_rows", ts.chunk_gates_rows_kernel, dict(DK=d, C=tc.CHUNK_SIZE, LIMIT=60.0, KEY_MAX=True, STAGES=2), warps.get("gates_rows", 1) or 1))

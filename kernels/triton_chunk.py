@@ -199,12 +199,38 @@ def _fast_limit() -> float:
     return float(LAUNCH["fast_limit"])
 
 
+def _dims(x: torch.Tensor) -> Tuple[int, int, int]:
+    """(tokens, heads, features) of x [T, H, D] or [B, T, H, D] (tokens = B * T)."""
+    return x.shape[:-2].numel(), x.shape[-2], x.shape[-1]
+
+
+def _layout(x: torch.Tensor) -> Tuple[int, int, int]:
+    """(S_T, S_N, S_H): token `tok` (batch rows one after another) of sequence n, head h of x
+    [T, H, D] or [B, T, H, D] starts tok * S_T + n * S_N + h * S_H elements after x's first
+    (`triton_stages.input_rows`). With B > 1 the sequences are the batch rows, so a strided
+    view, e.g. Megatron's [s, b] activations seen as [b, s], needs no copy."""
+    assert x.stride(-1) == 1, "the feature dim must be contiguous"
+    if x.dim() == 3:
+        return x.stride(0), 0, x.stride(1)
+    batch, length = x.shape[:2]
+    return x.stride(1), (x.stride(0) - length * x.stride(1)) if batch > 1 else 0, x.stride(2)
+
+
+def _one_layout(*xs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """xs as they are when they share one `_layout` (one set of stride arguments in the
+    kernels) with contiguous features, else contiguous copies."""
+    if all(x.stride(-1) == 1 for x in xs) and len({_layout(x) for x in xs}) == 1:
+        return xs
+    return tuple(x.contiguous() for x in xs)
+
+
 def _gates(z, u, k, cu, table, total, key_max=None, out=None, need_key_max=True):
     """b (cumulative log gate from each chunk start, fp32 [T, H, dk]), each chunk's total log
     decay (fp32 [chunks, H, dk]), the fast-path flags (int8 [chunks, H]) and the key max
     (fp32 [N, H]: `key_max` when given, else computed here from k, unless need_key_max is
-    False: then None). `out`: the first three preallocated (contiguous views of larger buffers)."""
-    tokens, heads, dk = z.shape
+    False: then None). `out`: the first three preallocated (contiguous views of larger buffers).
+    z and u share one `_layout`, k has q's."""
+    tokens, heads, dk = _dims(z)
     if out is None:
         out = (
             _empty(tokens, heads, dk, device=z.device, dtype=torch.float32),
@@ -218,13 +244,13 @@ def _gates(z, u, k, cu, table, total, key_max=None, out=None, need_key_max=True)
     if LAUNCH["gates_rows_warps"] > 0:
         chunk_gates_rows_kernel[(total, heads)](
             z, u, k, b, chunk_decay, flags, key_max if key_max is not None else b, table, cu,
-            heads, DK=dk, C=CHUNK_SIZE, LIMIT=_fast_limit(), KEY_MAX=compute_max, STAGES=LAUNCH["gates_rows_stages"],
+            heads, *_layout(k), *_layout(z), DK=dk, C=CHUNK_SIZE, LIMIT=_fast_limit(), KEY_MAX=compute_max, STAGES=LAUNCH["gates_rows_stages"],
             num_warps=LAUNCH["gates_rows_warps"], **_register_cap("gates"),
         )
     else:
         chunk_gates_kernel[(total, heads)](
             z, u, k, b, chunk_decay, flags, key_max if key_max is not None else b, table, cu,
-            heads, DK=dk, C=CHUNK_SIZE, BK=min(dk, LAUNCH["gates_block_k"]), LIMIT=_fast_limit(), KEY_MAX=compute_max,
+            heads, *_layout(k), *_layout(z), DK=dk, C=CHUNK_SIZE, BK=min(dk, LAUNCH["gates_block_k"]), LIMIT=_fast_limit(), KEY_MAX=compute_max,
             num_warps=LAUNCH["gates_warps"], num_stages=LAUNCH["gates_stages"], **_register_cap("gates"),
         )
     return b, chunk_decay, flags, key_max
@@ -233,7 +259,7 @@ def _gates(z, u, k, cu, table, total, key_max=None, out=None, need_key_max=True)
 def _fwd_states(k, v, b, key_max, h0, cu, offsets, total, store_final, out=None):
     """States at every chunk start (h); with store_final also the final states (fp32 [N, H, dk, dv]).
     `out`: (h, final states) preallocated."""
-    tokens, heads, dk = k.shape
+    tokens, heads, dk = _dims(k)
     dv = v.shape[-1]
     n = cu.numel() - 1
     if out is None:
@@ -244,7 +270,7 @@ def _fwd_states(k, v, b, key_max, h0, cu, offsets, total, store_final, out=None)
     bk, bv = _state_blocks(dk, dv, n * heads)
     chunk_fwd_states_kernel[((dk // bk) * (dv // bv), n * heads)](
         k, v, b, key_max, h0 if h0 is not None else h, h, ht, cu, offsets,
-        heads, DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=bv, HAS_H0=h0 is not None, STORE_HT=store_final,
+        heads, *_layout(k), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=bv, HAS_H0=h0 is not None, STORE_HT=store_final,
         DT=_dot_dtype(k.dtype), num_warps=LAUNCH["states_warps"], num_stages=LAUNCH["states_stages"],
         **_register_cap("states"),
     )
@@ -264,7 +290,7 @@ def _carried(carry, like):
 def _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, h_carry=None, out=None):
     """o [T, H, dv] in q's dtype from the chunk-start states h (plus `h_carry`, see `_carried`),
     and each token's query max (fp32 [T, H], for the backward). `out`: both preallocated."""
-    tokens, heads, dk = q.shape
+    tokens, heads, dk = _dims(q)
     dv = v.shape[-1]
     if out is None:
         out = (_empty(tokens, heads, dv, device=q.device, dtype=q.dtype), _empty(tokens, heads, device=q.device, dtype=torch.float32))
@@ -273,59 +299,61 @@ def _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, h_carry=
     if _fast_limit() >= 0:
         chunk_fwd_output_fast_kernel[(total, heads)](
             q, k, v, b, flags, key_max, h, h_add, h_decay, o, q_max, table, cu, scale,
-            heads, DK=dk, DV=dv, C=CHUNK_SIZE, BV=min(dv, LAUNCH["fast_output_block_v"]), DT=_dot_dtype(q.dtype),
+            heads, *_layout(q), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, BV=min(dv, LAUNCH["fast_output_block_v"]), DT=_dot_dtype(q.dtype),
             HAS_HADD=has_h_add, num_warps=LAUNCH["fast_output_warps"], num_stages=1, **_register_cap("fast_output"),
         )
     bv = _block_v(dv)
     chunk_fwd_output_kernel[(dv // bv, total, heads)](
         q, k, v, b, flags, key_max, h, h_add, h_decay, o, q_max, table, cu, scale,
-        heads, DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BV=bv, DT=tl.float32,
+        heads, *_layout(q), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BV=bv, DT=tl.float32,
         DIAG_LIMIT=LAUNCH["diag_limit"], HAS_HADD=has_h_add, num_warps=LAUNCH["output_warps"], num_stages=1,
     )
     return o, q_max
 
 
 def _bwd_dstates(q, q_max, b, do, dht, cu, offsets, scale, total, dv):
-    """dh (gradient at every chunk end, h's dtype) and dh0 (at each sequence start, fp32 [N, H, dk, dv])."""
-    tokens, heads, dk = q.shape
+    """dh (gradient at every chunk end, h's dtype) and dh0 (at each sequence start, fp32 [N, H, dk, dv]).
+    do: contiguous [T, H, dv]."""
+    tokens, heads, dk = _dims(q)
     n = cu.numel() - 1
     dh = _empty(total, heads, dk, dv, device=q.device, dtype=_state_dtype(q.dtype))
     dh0 = _empty(n, heads, dk, dv, device=q.device, dtype=torch.float32)
     bk, bv = _state_blocks(dk, dv, n * heads)
     chunk_bwd_dstates_kernel[((dk // bk) * (dv // bv), n * heads)](
         q, q_max, b, do, dht if dht is not None else dh0, dh, dh0, cu, offsets, scale,
-        heads, DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=bv, HAS_DHT=dht is not None, DT=_dot_dtype(q.dtype),
+        heads, *_layout(q), DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=bv, HAS_DHT=dht is not None, DT=_dot_dtype(q.dtype),
         num_warps=LAUNCH["states_warps"], num_stages=LAUNCH["states_stages"], **_register_cap("states"),
     )
     return dh, dh0
 
 
 def _bwd_main(q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total, h_carry=None, dh_carry=None):
-    """dq, dk, dv, dz, du (each in its input's dtype) from h and dh (plus `h_carry`, `dh_carry`, see `_carried`)."""
-    tokens, heads, dk = q.shape
+    """dq, dk, dv, dz, du (each contiguous [T, H, D] in its input's dtype) from h and dh (plus
+    `h_carry`, `dh_carry`, see `_carried`). do: contiguous [T, H, dv]."""
+    tokens, heads, dk = _dims(q)
     dv = v.shape[-1]
     dt = _dot_dtype(q.dtype)
     h_add, h_decay, has_h_add = _carried(h_carry, b)
     dh_add, dh_decay, has_dh_add = _carried(dh_carry, b)
-    dq, dk_, dz, du, dv_ = (_empty(*x.shape, device=x.device, dtype=x.dtype) for x in (q, k, z, u, v))
+    dq, dk_, dz, du, dv_ = (_empty(tokens, heads, x.shape[-1], device=x.device, dtype=x.dtype) for x in (q, k, z, u, v))
     if _fast_limit() >= 0:
         score_grad = torch.empty(total, heads, CHUNK_SIZE, CHUNK_SIZE, device=q.device, dtype=_state_dtype(q.dtype))
         chunk_bwd_dv_fast_kernel[(total, heads)](
             q, k, v, b, flags, key_max, dh, dh_add, dh_decay, do, dv_, score_grad, table, cu, scale,
-            heads, DK=dk, DV=dv, C=CHUNK_SIZE, BV=min(dv, LAUNCH["fast_dv_block_v"]), DT=dt, HAS_DHADD=has_dh_add,
+            heads, *_layout(q), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, BV=min(dv, LAUNCH["fast_dv_block_v"]), DT=dt, HAS_DHADD=has_dh_add,
             num_warps=LAUNCH["fast_dv_warps"], num_stages=LAUNCH["fast_dv_stages"], **_register_cap("fast_dv"),
         )
         bk = min(dk, LAUNCH["fast_dqk_block_k"])
         chunk_bwd_dqk_fast_kernel[(dk // bk, total, heads)](
             q, k, v, z, u, b, flags, key_max, q_max, score_grad, h, h_add, h_decay, dh, dh_add, dh_decay, do,
             dq, dk_, dz, du, table, cu, scale,
-            heads, DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=min(dv, LAUNCH["fast_dqk_block_v"]), DT=dt,
+            heads, *_layout(q), *_layout(v), *_layout(z), DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=min(dv, LAUNCH["fast_dqk_block_v"]), DT=dt,
             HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, num_warps=LAUNCH["fast_dqk_warps"], num_stages=LAUNCH["fast_dqk_stages"], **_register_cap("fast_dqk"),
         )
         del score_grad
     chunk_bwd_main_kernel[(total, heads)](
         q, k, v, z, u, b, flags, key_max, h, h_add, h_decay, dh, dh_add, dh_decay, do, dq, dk_, dv_, dz, du, table, cu, scale,
-        heads, DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BV=_bwd_block_v(dv), DT=tl.float32,
+        heads, *_layout(q), *_layout(v), *_layout(z), DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BV=_bwd_block_v(dv), DT=tl.float32,
         DIAG_LIMIT=LAUNCH["diag_limit"], HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, num_warps=LAUNCH["bwd_warps"], num_stages=1,
     )
     return dq, dk_, dv_, dz, du
@@ -347,11 +375,12 @@ class _ChunkReGLATriton(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, z, u, b, flags, key_max, q_max, h0, cu, offsets, table = ctx.saved_tensors
         scale, total = ctx.scale, ctx.total
-        do = do.contiguous()
+        do = do.reshape(-1, *do.shape[-2:]).contiguous()
         dht = None if dht is None else dht.float().contiguous()
         h, _ = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, False)
         dh, dh0 = _bwd_dstates(q, q_max, b, do, dht, cu, offsets, scale, total, v.shape[-1])
         grads = _bwd_main(q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total)
+        grads = [g.reshape(x.shape) for g, x in zip(grads, (q, k, v, z, u))]
         dinit = None if h0 is None else dh0.to(ctx.h0_dtype)
         return (*grads, None, None, dinit, None, None, None, None)
 
@@ -437,11 +466,13 @@ def chunk_regla_triton(
     else:
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     offsets, table, total = _chunk_tables(cu, CHUNK_SIZE)
-    flat = [x.reshape(batch * length, heads, x.shape[-1]).contiguous() for x in (q, k, v, gate_logits, refine_logits)]
+    # Strided views go in as they are (no copies): q and k with one layout, z and u with another.
+    q, k = _one_layout(q, k)
+    gate_logits, refine_logits = _one_layout(gate_logits, refine_logits)
     if key_max is not None:  # else the gates kernel computes it
         key_max = key_max.detach().float().contiguous()
     h0 = None if initial_state is None else initial_state.contiguous()
-    o, state = _ChunkReGLATriton.apply(*flat, float(scale), key_max, h0, cu, offsets, table, total)
+    o, state = _ChunkReGLATriton.apply(q, k, v, gate_logits, refine_logits, float(scale), key_max, h0, cu, offsets, table, total)
     return o.reshape(batch, length, heads, dv), state
 
 

@@ -28,6 +28,7 @@ import triton.language as tl
 
 from .triton_stages import (
     chunk_rows,
+    input_rows,
     load_chunk_cumulative_gates,
     load_key_features,
     load_query_features,
@@ -38,19 +39,20 @@ from .triton_stages import (
 
 
 @triton.jit
-def key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, rows, mask, rk, DK: tl.constexpr, C: tl.constexpr):
+def key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, rows, krows, mask, rk, DK: tl.constexpr, C: tl.constexpr):
     """Of a fast chunk, key features rk: b [C, len(rk)], b_end, b_r (b at the reference row
     r = C/2 - 1, or b_end when the chunk is shorter) and phi_k [C, len(rk)] (fp32)."""
     b, b_end = load_chunk_cumulative_gates(b_ptr, rows, mask, rk, DK)
     b_ref = tl.min(tl.where(tl.arange(0, C)[:, None] < C // 2, b, 0.0), axis=0)
     key_max = tl.load(kmax_ptr + n * H + head).to(tl.float32)
-    return b, b_end, b_ref, load_key_features(k_ptr, rows, mask, key_max, rk, DK)
+    return b, b_end, b_ref, load_key_features(k_ptr, krows, mask, key_max, rk)
 
 
 @triton.jit
 def chunk_fwd_output_fast_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, flag_ptr, kmax_ptr, h_ptr, hadd_ptr, hdecay_ptr, o_ptr, qmax_ptr, table_ptr, cu_ptr, scale,
-    H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, HAS_HADD: tl.constexpr,
+    H, S_T, S_N, S_H, V_T, V_N, V_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+    DT: tl.constexpr, HAS_HADD: tl.constexpr,
 ):
     """o = scale * (tril(Q~ K~^T) v + Q~ (exp(b_r) h)) for one safe chunk, one head, BV value
     columns at a time; rowmax q into qmax (fp32 [T, H]) for the backward."""
@@ -60,8 +62,10 @@ def chunk_fwd_output_fast_kernel(
     rc = tl.arange(0, C)
     rk = tl.arange(0, DK)
     if fast != 0:
-        b, b_end, b_ref, phi_k = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, rows, mask, rk, DK, C)
-        phi_q, q_max = load_query_features(q_ptr, rows, mask, DK)
+        qrows = input_rows(start + rc, n, head, S_T, S_N, S_H)
+        vrows = input_rows(start + rc, n, head, V_T, V_N, V_H)
+        b, b_end, b_ref, phi_k = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, rows, qrows, mask, rk, DK, C)
+        phi_q, q_max = load_query_features(q_ptr, qrows, mask, DK)
         tl.store(qmax_ptr + rows, q_max, mask=mask)
         q_t = (phi_q * tl.exp(b - b_ref[None, :])).to(DT)
         k_t = (phi_k * tl.exp(b_ref[None, :] - b)).to(DT)
@@ -69,7 +73,7 @@ def chunk_fwd_output_fast_kernel(
         decay_ref = tl.exp(b_ref)
         for iv in range(DV // BV):
             rv = iv * BV + tl.arange(0, BV)
-            v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
+            v = tl.load(v_ptr + vrows[:, None] + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
             h = load_state(h_ptr, ic, n, head, H, rk, rv, DK, DV, hadd_ptr, hdecay_ptr, HAS_HADD)
             o = tl.dot(A, v) + tl.dot(q_t, (h * decay_ref[:, None]).to(DT))
             tl.store(o_ptr + rows[:, None] * DV + rv[None, :], (o * scale).to(o_ptr.dtype.element_ty), mask=mask[:, None])
@@ -79,7 +83,8 @@ def chunk_fwd_output_fast_kernel(
 def chunk_bwd_dv_fast_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, flag_ptr, kmax_ptr, dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dv_ptr, da_ptr,
     table_ptr, cu_ptr, scale,
-    H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, HAS_DHADD: tl.constexpr,
+    H, S_T, S_N, S_H, V_T, V_N, V_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+    DT: tl.constexpr, HAS_DHADD: tl.constexpr,
 ):
     """dv = (scale tril(Q~ K~^T))^T do + k_end dh for one safe chunk and head (BV value columns
     at a time), and the score gradient dA = scale tril(do v^T) (DT [C, C] into da, for
@@ -90,10 +95,12 @@ def chunk_bwd_dv_fast_kernel(
     rc = tl.arange(0, C)
     rk = tl.arange(0, DK)
     if fast != 0:
-        b, b_end, b_ref, phi_k = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, rows, mask, rk, DK, C)
+        qrows = input_rows(start + rc, n, head, S_T, S_N, S_H)
+        vrows = input_rows(start + rc, n, head, V_T, V_N, V_H)
+        b, b_end, b_ref, phi_k = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, rows, qrows, mask, rk, DK, C)
         k_t = (phi_k * tl.exp(b_ref[None, :] - b)).to(DT)
         k_end = (phi_k * tl.exp(b_end[None, :] - b)).to(DT)
-        phi_q, _ = load_query_features(q_ptr, rows, mask, DK)
+        phi_q, _ = load_query_features(q_ptr, qrows, mask, DK)
         q_t = (phi_q * tl.exp(b - b_ref[None, :])).to(DT)
         # A^T directly: K~ Q~^T, kept where s <= t (row s, column t)
         At = (tl.where(rc[:, None] <= rc[None, :], tl.dot(k_t, tl.trans(q_t)), 0.0) * scale).to(DT)
@@ -101,7 +108,7 @@ def chunk_bwd_dv_fast_kernel(
         for iv in range(DV // BV):
             rv = iv * BV + tl.arange(0, BV)
             do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
-            v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
+            v = tl.load(v_ptr + vrows[:, None] + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
             dh = load_state(dh_ptr, ic, n, head, H, rk, rv, DK, DV, dhadd_ptr, dhdecay_ptr, HAS_DHADD).to(DT)
             dv = tl.dot(At, do) + tl.dot(k_end, dh)
             tl.store(dv_ptr + rows[:, None] * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask[:, None])
@@ -114,8 +121,8 @@ def chunk_bwd_dv_fast_kernel(
 def chunk_bwd_dqk_fast_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, u_ptr, b_ptr, flag_ptr, kmax_ptr, qmax_ptr, da_ptr, h_ptr, hadd_ptr, hdecay_ptr,
     dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dq_ptr, dk_ptr, dz_ptr, du_ptr, table_ptr, cu_ptr, scale,
-    H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
-    HAS_HADD: tl.constexpr, HAS_DHADD: tl.constexpr,
+    H, S_T, S_N, S_H, V_T, V_N, V_H, Z_T, Z_N, Z_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, HAS_HADD: tl.constexpr, HAS_DHADD: tl.constexpr,
 ):
     """dq, dk and both gate-logit gradients of one safe chunk, one head, BK key features
     (every one of them is separable over the key features once dA is known: it is read from
@@ -128,14 +135,16 @@ def chunk_bwd_dqk_fast_kernel(
     rk = ik * BK + tl.arange(0, BK)
     cols = rk[None, :]
     if fast != 0:
-        b, b_end, b_ref, phi_k = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, rows, mask, rk, DK, C)
+        qrows = input_rows(start + rc, n, head, S_T, S_N, S_H)
+        vrows = input_rows(start + rc, n, head, V_T, V_N, V_H)
+        b, b_end, b_ref, phi_k = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, rows, qrows, mask, rk, DK, C)
         decay_ref = tl.exp(b_ref)
         dq_state = tl.zeros([C, BK], dtype=tl.float32)
         dk_state = tl.zeros([C, BK], dtype=tl.float32)
         g_h = tl.zeros([BK], dtype=tl.float32)
         for iv in range(DV // BV):
             rv = iv * BV + tl.arange(0, BV)
-            v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
+            v = tl.load(v_ptr + vrows[:, None] + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
             do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
             h = load_state(h_ptr, ic, n, head, H, rk, rv, DK, DV, hadd_ptr, hdecay_ptr, HAS_HADD)
             dh = load_state(dh_ptr, ic, n, head, H, rk, rv, DK, DV, dhadd_ptr, dhdecay_ptr, HAS_DHADD)
@@ -145,11 +154,12 @@ def chunk_bwd_dqk_fast_kernel(
         dA = tl.load(da_ptr + (ic.to(tl.int64) * H + head) * C * C + rc[:, None] * C + rc[None, :])
 
         k_t = (phi_k * tl.exp(b_ref[None, :] - b)).to(DT)
-        q_t = (load_query_features_cols(q_ptr, qmax_ptr, rows, mask, rk, DK) * tl.exp(b - b_ref[None, :])).to(DT)
+        q_t = (load_query_features_cols(q_ptr, qmax_ptr, qrows, rows, mask, rk) * tl.exp(b - b_ref[None, :])).to(DT)
         dq = q_t.to(tl.float32) * (dq_state * scale + tl.dot(dA, k_t))
         tl.store(dq_ptr + rows[:, None] * DK + cols, dq.to(dq_ptr.dtype.element_ty), mask=mask[:, None])
         dk_scores = k_t.to(tl.float32) * tl.dot(tl.trans(dA), q_t)
         dk_end = phi_k * tl.exp(b_end[None, :] - b) * dk_state
         tl.store(dk_ptr + rows[:, None] * DK + cols, (dk_scores + dk_end).to(dk_ptr.dtype.element_ty), mask=mask[:, None])
 
-        store_gate_grads(dq - dk_scores, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, rows, mask, rk, DK)
+        zrows = input_rows(start + rc, n, head, Z_T, Z_N, Z_H)
+        store_gate_grads(dq - dk_scores, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, zrows, rows, mask, rk, DK)

@@ -1,8 +1,11 @@
 """Triton stages of the chunked ReGLA kernels, shared by forward and backward.
 
-Conventions (REGLA_SPEC sections 1 and 3). Every tensor is a packed [T_total, H, D] view;
-sequence n covers tokens [cu[n], cu[n+1]) and is cut into chunks of C tokens, each chunk
-into C // S sub-chunks of S tokens. Inside a chunk, b is the cumulative log gate from the
+Conventions (REGLA_SPEC sections 1 and 3). Tokens are numbered 0..T_total - 1 (batch rows
+one after another, or the packed sequences); sequence n covers tokens [cu[n], cu[n+1]) and is
+cut into chunks of C tokens, each chunk into C // S sub-chunks of S tokens. The inputs q, k
+(strides S_T, S_N, S_H), v (V_T, V_N, V_H) and z, u (Z_T, Z_N, Z_H) may be strided views (Megatron's [s, b]
+activations, `input_rows`); everything the kernels allocate (b, o, the gradients, the query
+max) is a contiguous [T_total, H, D] tensor addressed by rows = token * H + head. Inside a chunk, b is the cumulative log gate from the
 chunk start (stored, fp32, by `chunk_gates_kernel`: the only stage that evaluates the gate
 from its logits, besides the chain rule at the end of the backward) and bw = b minus b at
 the end of the previous sub-chunk. Every gate factor is exp of a difference that is <= 0:
@@ -63,35 +66,42 @@ def refined_log_gate_grad_tl(z, u):
 
 
 @triton.jit
-def load_chunk_gates(z_ptr, u_ptr, rows, mask, cols, DK: tl.constexpr):
-    """log F of one chunk [C, len(cols)] in fp32, 0 on padding rows. rows: token*H + head."""
-    z = tl.load(z_ptr + rows[:, None] * DK + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + rows[:, None] * DK + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+def input_rows(tok, n, head, S_T, S_N, S_H):
+    """Element offsets of the rows (tokens tok of sequence n, one head) of a strided input:
+    tok * S_T + n * S_N + head * S_H (`triton_chunk._layout`; rows * D when contiguous)."""
+    return tok * S_T + n.to(tl.int64) * S_N + head * S_H
+
+
+@triton.jit
+def load_chunk_gates(z_ptr, u_ptr, zrows, mask, cols):
+    """log F of one chunk [C, len(cols)] in fp32, 0 on padding rows (zrows: `input_rows` of z, u)."""
+    z = tl.load(z_ptr + zrows[:, None] + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + zrows[:, None] + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
     return tl.where(mask[:, None], refined_log_gate_tl(z, u), 0.0)
 
 
 @triton.jit
-def load_query_features(q_ptr, rows, mask, DK: tl.constexpr):
+def load_query_features(q_ptr, qrows, mask, DK: tl.constexpr):
     """(phi_q = exp(q - rowmax q) [C, DK] fp32, 0 on padding rows; rowmax q [C] fp32)."""
     cols = tl.arange(0, DK)
-    q = tl.load(q_ptr + rows[:, None] * DK + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + qrows[:, None] + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
     q_max = tl.max(q, axis=1)
     return tl.where(mask[:, None], tl.exp(q - q_max[:, None]), 0.0), q_max
 
 
 @triton.jit
-def load_query_features_cols(q_ptr, qmax_ptr, rows, mask, cols, DK: tl.constexpr):
-    """Columns `cols` of phi_q [C, len(cols)], the row max over all DK features read from
-    qmax (fp32 [T, H], stored by the forward output kernels)."""
-    q = tl.load(q_ptr + rows[:, None] * DK + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+def load_query_features_cols(q_ptr, qmax_ptr, qrows, rows, mask, cols):
+    """Columns `cols` of phi_q [C, len(cols)], the row max over all features read from qmax
+    (fp32 [T, H] at rows, stored by the forward output kernels)."""
+    q = tl.load(q_ptr + qrows[:, None] + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
     q_max = tl.load(qmax_ptr + rows, mask=mask, other=0.0)
     return tl.where(mask[:, None], tl.exp(q - q_max[:, None]), 0.0)
 
 
 @triton.jit
-def load_key_features(k_ptr, rows, mask, key_max, cols, DK: tl.constexpr):
+def load_key_features(k_ptr, krows, mask, key_max, cols):
     """phi_k = exp(k - M) [C, len(cols)] fp32, 0 on padding rows."""
-    k = tl.load(k_ptr + rows[:, None] * DK + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + krows[:, None] + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
     return tl.where(mask[:, None], tl.exp(k - key_max), 0.0)
 
 
@@ -136,7 +146,7 @@ def chunk_fast_path(b, b_end, C: tl.constexpr, LIMIT: tl.constexpr):
 
 @triton.jit
 def intra_chunk_scores(
-    phi_q, phi_k, b, bw, k_ptr, b_ptr, start, eos, head, H, key_max,
+    phi_q, phi_k, b, bw, k_ptr, b_ptr, start, eos, n, head, H, key_max, S_T, S_N, S_H,
     C: tl.constexpr, S: tl.constexpr, DK: tl.constexpr, DT: tl.constexpr, DIAG_LIMIT: tl.constexpr,
 ):
     """A[t, s] = sum_i phi_q[t,i] phi_k[s,i] exp(b[t,i] - b[s,i]) for s <= t in the chunk (unscaled).
@@ -166,9 +176,9 @@ def intra_chunk_scores(
             col = rc - within + j  # column of key j of this row's sub-chunk
             src = start + col
             smask = (src < eos) & (within >= j)
-            srow = src * H + head
-            kj = tl.load(k_ptr + srow[:, None] * DK + cols[None, :], mask=smask[:, None], other=0.0).to(tl.float32)
-            bj = tl.load(b_ptr + srow[:, None] * DK + cols[None, :], mask=smask[:, None], other=0.0)
+            krow = input_rows(src, n, head, S_T, S_N, S_H)
+            kj = tl.load(k_ptr + krow[:, None] + cols[None, :], mask=smask[:, None], other=0.0).to(tl.float32)
+            bj = tl.load(b_ptr + (src * H + head)[:, None] * DK + cols[None, :], mask=smask[:, None], other=0.0)
             w = tl.where(smask[:, None], tl.exp(kj - key_max + tl.minimum(b - bj, 0.0)), 0.0)
             val = tl.sum(phi_q * w, axis=1)
             A += tl.where(rc[None, :] == col[:, None], val[:, None], 0.0)
@@ -200,7 +210,9 @@ def load_state(
 
 
 @triton.jit
-def store_gate_grads(score_terms, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, rows, mask, cols, DK: tl.constexpr):
+def store_gate_grads(
+    score_terms, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, zrows, rows, mask, cols, DK: tl.constexpr,
+):
     """dz, du of one chunk ([C, len(cols)] each, stored) from d log F_t =
         sum_{t' >= t} score_terms_{t'}      (phi_q dQ - phi_k dK of the intra-chunk scores),
       + sum_{s < t} dk_end_s                (keys before t, through the chunk-end state),
@@ -208,9 +220,9 @@ def store_gate_grads(score_terms, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_p
     the state terms as direct sums (no difference of large terms)."""
     d_log_f = tl.sum(score_terms, axis=0)[None, :] - tl.cumsum(score_terms, axis=0) + score_terms
     d_log_f += tl.cumsum(dk_end, axis=0) - dk_end + (tl.exp(b_end) * g_h)[None, :]
+    z = tl.load(z_ptr + zrows[:, None] + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + zrows[:, None] + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
     offsets = rows[:, None] * DK + cols[None, :]
-    z = tl.load(z_ptr + offsets, mask=mask[:, None], other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + offsets, mask=mask[:, None], other=0.0).to(tl.float32)
     dz_coef, du_coef = refined_log_gate_grad_tl(z, u)
     tl.store(dz_ptr + offsets, (d_log_f * dz_coef).to(dz_ptr.dtype.element_ty), mask=mask[:, None])
     tl.store(du_ptr + offsets, (d_log_f * du_coef).to(du_ptr.dtype.element_ty), mask=mask[:, None])
@@ -218,7 +230,7 @@ def store_gate_grads(score_terms, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_p
 
 @triton.jit
 def sub_chunk_scores(
-    q_ptr, k_ptr, b_ptr, kmax_ptr, n, head, H, rows, mask, start, eos,
+    q_ptr, k_ptr, b_ptr, kmax_ptr, n, head, H, rows, qrows, mask, start, eos, S_T, S_N, S_H,
     C: tl.constexpr, S: tl.constexpr, DK: tl.constexpr, DT: tl.constexpr, DIAG_LIMIT: tl.constexpr,
 ):
     """Of a chunk for the sub-chunk kernels: phi_q, phi_k, bw, b [C, DK], b_end [DK], the key max,
@@ -226,16 +238,18 @@ def sub_chunk_scores(
     rk = tl.arange(0, DK)
     key_max = tl.load(kmax_ptr + n * H + head).to(tl.float32)
     bw, b, b_end = load_cumulative_gates(b_ptr, rows, mask, rk, C, S, DK)
-    phi_q, q_max = load_query_features(q_ptr, rows, mask, DK)
-    phi_k = load_key_features(k_ptr, rows, mask, key_max, rk, DK)
-    A = intra_chunk_scores(phi_q, phi_k, b, bw, k_ptr, b_ptr, start, eos, head, H, key_max, C, S, DK, DT, DIAG_LIMIT)
+    phi_q, q_max = load_query_features(q_ptr, qrows, mask, DK)
+    phi_k = load_key_features(k_ptr, qrows, mask, key_max, rk)
+    A = intra_chunk_scores(
+        phi_q, phi_k, b, bw, k_ptr, b_ptr, start, eos, n, head, H, key_max, S_T, S_N, S_H, C, S, DK, DT, DIAG_LIMIT
+    )
     return phi_q, phi_k, bw, b, b_end, key_max, A, q_max
 
 
 @triton.jit
 def chunk_gates_kernel(
     z_ptr, u_ptr, k_ptr, b_ptr, bend_ptr, flag_ptr, kmax_ptr, table_ptr, cu_ptr,
-    H, DK: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, LIMIT: tl.constexpr, KEY_MAX: tl.constexpr,
+    H, S_T, S_N, S_H, Z_T, Z_N, Z_H, DK: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, LIMIT: tl.constexpr, KEY_MAX: tl.constexpr,
 ):
     """One chunk, one head: b = cumulative log F from the chunk start (fp32, valid rows), the
     chunk's total log decay b_end (fp32 [DK]) and the flag of `chunk_fast_path` (int8), key
@@ -247,6 +261,8 @@ def chunk_gates_kernel(
     tok = start + tl.arange(0, C)
     mask = tok < eos
     rows = tok * H + head
+    zrows = input_rows(tok, n, head, Z_T, Z_N, Z_H)
+    krows = input_rows(tok, n, head, S_T, S_N, S_H)
     # A rolled loop: unrolled, the compiler keeps every key block's gate chain live (231
     # registers at BK 64: one program per multiprocessor). Rolled, at BK 16, Triton 3.6 uses 48
     # and the H200 runs 5 programs per multiprocessor (benchmarks/runs/s4_call3/ncu.log).
@@ -254,14 +270,14 @@ def chunk_gates_kernel(
     k_max = tl.full([], float("-inf"), tl.float32)
     for kb in range(DK // BK):
         rk = kb * BK + tl.arange(0, BK)
-        b = tl.cumsum(load_chunk_gates(z_ptr, u_ptr, rows, mask, rk, DK), axis=0)
+        b = tl.cumsum(load_chunk_gates(z_ptr, u_ptr, zrows, mask, rk), axis=0)
         tl.store(b_ptr + rows[:, None] * DK + rk[None, :], b, mask=mask[:, None])
         b_end = tl.min(b, axis=0)
         tl.store(bend_ptr + (ic.to(tl.int64) * H + head) * DK + rk, b_end)
         _, fast_block = chunk_fast_path(b, b_end, C, LIMIT)
         fast = fast & fast_block.to(tl.int32)
         if KEY_MAX:
-            k = tl.load(k_ptr + rows[:, None] * DK + rk[None, :], mask=mask[:, None], other=float("-inf"))
+            k = tl.load(k_ptr + krows[:, None] + rk[None, :], mask=mask[:, None], other=float("-inf"))
             k_max = tl.maximum(k_max, tl.max(tl.max(k.to(tl.float32), axis=1), axis=0))
     tl.store(flag_ptr + ic.to(tl.int64) * H + head, fast.to(tl.int8))
     if KEY_MAX:
@@ -271,7 +287,7 @@ def chunk_gates_kernel(
 @triton.jit
 def chunk_gates_rows_kernel(
     z_ptr, u_ptr, k_ptr, b_ptr, bend_ptr, flag_ptr, kmax_ptr, table_ptr, cu_ptr,
-    H, DK: tl.constexpr, C: tl.constexpr, LIMIT: tl.constexpr, KEY_MAX: tl.constexpr, STAGES: tl.constexpr,
+    H, S_T, S_N, S_H, Z_T, Z_N, Z_H, DK: tl.constexpr, C: tl.constexpr, LIMIT: tl.constexpr, KEY_MAX: tl.constexpr, STAGES: tl.constexpr,
 ):
     """`chunk_gates_kernel` token by token: one program per chunk and head walks the chunk's
     rows (all DK features, one contiguous row of z, u and k per step) and keeps b as a running
@@ -284,14 +300,15 @@ def chunk_gates_rows_kernel(
     b_ref = tl.zeros([DK], dtype=tl.float32)
     k_max = tl.full([DK], float("-inf"), tl.float32)
     for t in tl.range(0, tl.minimum(eos - start, C), num_stages=STAGES):
-        offsets = ((start + t) * H + head) * DK + rk
-        z = tl.load(z_ptr + offsets).to(tl.float32)
-        u = tl.load(u_ptr + offsets).to(tl.float32)
+        tok = start + t
+        zcols = input_rows(tok, n, head, Z_T, Z_N, Z_H) + rk
+        z = tl.load(z_ptr + zcols).to(tl.float32)
+        u = tl.load(u_ptr + zcols).to(tl.float32)
         b += refined_log_gate_tl(z, u)
-        tl.store(b_ptr + offsets, b)
+        tl.store(b_ptr + (tok * H + head) * DK + rk, b)
         b_ref = tl.where(t < C // 2, b, b_ref)  # b at row C/2 - 1, or at the last row of a shorter chunk
         if KEY_MAX:
-            k_max = tl.maximum(k_max, tl.load(k_ptr + offsets).to(tl.float32))
+            k_max = tl.maximum(k_max, tl.load(k_ptr + input_rows(tok, n, head, S_T, S_N, S_H) + rk).to(tl.float32))
     tl.store(bend_ptr + (ic.to(tl.int64) * H + head) * DK + rk, b)
     fast = (tl.min(b_ref, axis=0) >= -LIMIT) & (tl.min(b - b_ref, axis=0) >= -LIMIT) & (LIMIT >= 0)
     tl.store(flag_ptr + ic.to(tl.int64) * H + head, fast.to(tl.int8))
@@ -312,7 +329,7 @@ def chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, C: tl.constexpr):
 @triton.jit
 def chunk_fwd_states_kernel(
     k_ptr, v_ptr, b_ptr, kmax_ptr, h0_ptr, h_ptr, ht_ptr, cu_ptr, choff_ptr,
-    H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    H, S_T, S_N, S_H, V_T, V_N, V_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, DT: tl.constexpr,
 ):
     """Sequential over chunks, one (BK x BV) block of the state: h[chunk] = state at the chunk
@@ -338,9 +355,10 @@ def chunk_fwd_states_kernel(
         tok = bos + c * C + rc
         mask = tok < eos
         rows = tok * H + head
+        krows = input_rows(tok, n, head, S_T, S_N, S_H)
         b, b_end = load_chunk_cumulative_gates(b_ptr, rows, mask, rk, DK)
-        k_end = load_key_features(k_ptr, rows, mask, key_max, rk, DK) * tl.exp(b_end[None, :] - b)
-        v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0)
+        k_end = load_key_features(k_ptr, krows, mask, key_max, rk) * tl.exp(b_end[None, :] - b)
+        v = tl.load(v_ptr + input_rows(tok, n, head, V_T, V_N, V_H)[:, None] + rv[None, :], mask=mask[:, None], other=0.0)
         state = state * tl.exp(b_end)[:, None] + tl.dot(tl.trans(k_end.to(DT)), v.to(DT))
     if STORE_HT:
         tl.store(ht_ptr + nh.to(tl.int64) * DK * DV + tile, state)
@@ -349,8 +367,8 @@ def chunk_fwd_states_kernel(
 @triton.jit
 def chunk_fwd_output_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, flag_ptr, kmax_ptr, h_ptr, hadd_ptr, hdecay_ptr, o_ptr, qmax_ptr, table_ptr, cu_ptr, scale,
-    H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
-    DIAG_LIMIT: tl.constexpr, HAS_HADD: tl.constexpr,
+    H, S_T, S_N, S_H, V_T, V_N, V_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
+    BV: tl.constexpr, DT: tl.constexpr, DIAG_LIMIT: tl.constexpr, HAS_HADD: tl.constexpr,
 ):
     """o = scale * (A v + (phi_q * exp(b)) h_start) for one chunk (flag 0), one head, BV value
     columns; rowmax q into qmax (fp32 [T, H]) for the backward."""
@@ -361,12 +379,14 @@ def chunk_fwd_output_kernel(
     rk = tl.arange(0, DK)
     rv = iv * BV + tl.arange(0, BV)
     if fast == 0:
+        qrows = input_rows(start + tl.arange(0, C), n, head, S_T, S_N, S_H)
         phi_q, phi_k, bw, b, b_end, key_max, A, q_max = sub_chunk_scores(
-            q_ptr, k_ptr, b_ptr, kmax_ptr, n, head, H, rows, mask, start, eos, C, S, DK, DT, DIAG_LIMIT
+            q_ptr, k_ptr, b_ptr, kmax_ptr, n, head, H, rows, qrows, mask, start, eos, S_T, S_N, S_H, C, S, DK, DT, DIAG_LIMIT
         )
         if iv == 0:
             tl.store(qmax_ptr + rows, q_max, mask=mask)
-        v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
+        vrows = input_rows(start + tl.arange(0, C), n, head, V_T, V_N, V_H)
+        v = tl.load(v_ptr + vrows[:, None] + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
         h = load_state(h_ptr, ic, n, head, H, rk, rv, DK, DV, hadd_ptr, hdecay_ptr, HAS_HADD).to(DT)
         o = tl.dot(A.to(DT), v) + tl.dot((phi_q * tl.exp(b)).to(DT), h)
         tl.store(o_ptr + rows[:, None] * DV + rv[None, :], (o * scale).to(o_ptr.dtype.element_ty), mask=mask[:, None])
@@ -375,7 +395,7 @@ def chunk_fwd_output_kernel(
 @triton.jit
 def chunk_bwd_dstates_kernel(
     q_ptr, qmax_ptr, b_ptr, do_ptr, dht_ptr, dh_ptr, dh0_ptr, cu_ptr, choff_ptr, scale,
-    H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    H, S_T, S_N, S_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_DHT: tl.constexpr, DT: tl.constexpr,
 ):
     """Reverse over chunks, one (BK x BV) block: dh[chunk] = dL/d(state at the chunk end);
@@ -403,7 +423,8 @@ def chunk_bwd_dstates_kernel(
         mask = tok < eos
         rows = tok * H + head
         b, b_end = load_chunk_cumulative_gates(b_ptr, rows, mask, rk, DK)
-        q_start = load_query_features_cols(q_ptr, qmax_ptr, rows, mask, rk, DK) * tl.exp(b) * scale
+        qrows = input_rows(tok, n, head, S_T, S_N, S_H)
+        q_start = load_query_features_cols(q_ptr, qmax_ptr, qrows, rows, mask, rk) * tl.exp(b) * scale
         do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0)
         dstate = dstate * tl.exp(b_end)[:, None] + tl.dot(tl.trans(q_start.to(DT)), do.to(DT))
     tl.store(dh0_ptr + nh.to(tl.int64) * DK * DV + tile, dstate)
@@ -413,8 +434,9 @@ def chunk_bwd_dstates_kernel(
 def chunk_bwd_main_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, u_ptr, b_ptr, flag_ptr, kmax_ptr, h_ptr, hadd_ptr, hdecay_ptr,
     dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, dz_ptr, du_ptr, table_ptr, cu_ptr, scale,
-    H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
-    DIAG_LIMIT: tl.constexpr, HAS_HADD: tl.constexpr, HAS_DHADD: tl.constexpr,
+    H, S_T, S_N, S_H, V_T, V_N, V_H, Z_T, Z_N, Z_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+    S: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, DIAG_LIMIT: tl.constexpr, HAS_HADD: tl.constexpr,
+    HAS_DHADD: tl.constexpr,
 ):
     """All input gradients of one chunk and head, from h (state at the chunk start) and dh
     (gradient at the chunk end). The gate gradient uses the reverse-cumsum identity
@@ -430,8 +452,10 @@ def chunk_bwd_main_kernel(
     blk = rc // S
     within = rc % S
     if fast == 0:
+        qrows = input_rows(start + rc, n, head, S_T, S_N, S_H)
+        vrows = input_rows(start + rc, n, head, V_T, V_N, V_H)
         phi_q, phi_k, bw, b, b_end, key_max, A, _ = sub_chunk_scores(
-            q_ptr, k_ptr, b_ptr, kmax_ptr, n, head, H, rows, mask, start, eos, C, S, DK, DT, DIAG_LIMIT
+            q_ptr, k_ptr, b_ptr, kmax_ptr, n, head, H, rows, qrows, mask, start, eos, S_T, S_N, S_H, C, S, DK, DT, DIAG_LIMIT
         )
         At = tl.trans((A * scale).to(DT))
 
@@ -440,7 +464,7 @@ def chunk_bwd_main_kernel(
         dq_state = tl.zeros([C, DK], dtype=tl.float32)
         for iv in range(DV // BV):
             rv = iv * BV + tl.arange(0, BV)
-            v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
+            v = tl.load(v_ptr + vrows[:, None] + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
             do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
             h = load_state(h_ptr, ic, n, head, H, rk, rv, DK, DV, hadd_ptr, hdecay_ptr, HAS_HADD).to(DT)
             dh = load_state(dh_ptr, ic, n, head, H, rk, rv, DK, DV, dhadd_ptr, dhdecay_ptr, HAS_DHADD).to(DT)
@@ -469,9 +493,9 @@ def chunk_bwd_main_kernel(
                 col = rc - within + jd
                 src = start + col
                 smask = (src < eos) & (within >= jd)
-                srow = src * H + head
-                kj = tl.load(k_ptr + srow[:, None] * DK + cols, mask=smask[:, None], other=0.0).to(tl.float32)
-                bj = tl.load(b_ptr + srow[:, None] * DK + cols, mask=smask[:, None], other=0.0)
+                krow = input_rows(src, n, head, S_T, S_N, S_H)
+                kj = tl.load(k_ptr + krow[:, None] + cols, mask=smask[:, None], other=0.0).to(tl.float32)
+                bj = tl.load(b_ptr + (src * H + head)[:, None] * DK + cols, mask=smask[:, None], other=0.0)
                 dAj = tl.sum(tl.where(rc[None, :] == col[:, None], dA, 0.0), axis=1)
                 dQ += tl.where(smask[:, None], dAj[:, None] * tl.exp(kj - key_max + tl.minimum(b - bj, 0.0)), 0.0)
         tl.store(dq_ptr + rows[:, None] * DK + cols, (dQ * phi_q).to(dq_ptr.dtype.element_ty), mask=mask[:, None])
@@ -482,7 +506,7 @@ def chunk_bwd_main_kernel(
         g_h = tl.zeros([DK], dtype=tl.float32)
         for iv in range(DV // BV):
             rv = iv * BV + tl.arange(0, BV)
-            v = tl.load(v_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
+            v = tl.load(v_ptr + vrows[:, None] + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
             h = load_state(h_ptr, ic, n, head, H, rk, rv, DK, DV, hadd_ptr, hdecay_ptr, HAS_HADD)
             dh = load_state(dh_ptr, ic, n, head, H, rk, rv, DK, DV, dhadd_ptr, dhdecay_ptr, HAS_DHADD)
             dk_state += tl.dot(v, tl.trans(dh.to(DT)))
@@ -510,14 +534,15 @@ def chunk_bwd_main_kernel(
                 row = rc - within + jd  # query jd of this key's sub-chunk
                 src = start + row
                 smask = (src < eos) & (within <= jd)
-                srow = src * H + head
-                qj = tl.load(q_ptr + srow[:, None] * DK + cols, mask=smask[:, None], other=0.0).to(tl.float32)
+                qrow = input_rows(src, n, head, S_T, S_N, S_H)
+                qj = tl.load(q_ptr + qrow[:, None] + cols, mask=smask[:, None], other=0.0).to(tl.float32)
                 qj = qj - tl.max(qj, axis=1)[:, None]
-                bj = tl.load(b_ptr + srow[:, None] * DK + cols, mask=smask[:, None], other=0.0)
+                bj = tl.load(b_ptr + (src * H + head)[:, None] * DK + cols, mask=smask[:, None], other=0.0)
                 dAj = tl.sum(tl.where(rc[:, None] == row[None, :], dA, 0.0), axis=0)
                 dK += tl.where(smask[:, None], dAj[:, None] * tl.exp(qj + tl.minimum(bj - b, 0.0)), 0.0)
         dK = dK * phi_k
         tl.store(dk_ptr + rows[:, None] * DK + cols, (dK + dk_end).to(dk_ptr.dtype.element_ty), mask=mask[:, None])
         D -= dK
 
-        store_gate_grads(D, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, rows, mask, rk, DK)
+        zrows = input_rows(start + rc, n, head, Z_T, Z_N, Z_H)
+        store_gate_grads(D, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, zrows, rows, mask, rk, DK)

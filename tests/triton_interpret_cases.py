@@ -246,6 +246,49 @@ def test_gates_token_by_token(warps, stages, launch):
     _compare(inputs, bound=2e-5, cu_seqlens=cu)
 
 
+@pytest.mark.parametrize("gates_apart, packed", [(False, False), (True, False), (False, True)])
+def test_strided_inputs_as_megatron_lays_them_out(gates_apart, packed, launch):
+    """q, k, v, z, u as views of one [s, b, H, W] projection seen as [b, s] (Megatron's
+    layout; z and u from a tensor of their own with gates_apart, as with a low-rank gate; B = 1
+    with packed sequences): the kernels read them in place (no copy) and give the outputs,
+    final states and projection gradients of contiguous inputs through the fp64 recurrence."""
+    from regla_kernels import chunk_regla
+
+    d = launch.MIN_HEAD_DIM
+    launch.LAUNCH.update(fast_limit=17.0)  # both kernel paths
+    batch, length, heads, dk, dv = (1, 150, 2, 2 * d, d) if packed else (2, 150, 2, 2 * d, d)
+    cu = torch.tensor([0, 37, 137, 150], dtype=torch.int32) if packed else None
+    q, k, v, z, u, state = _inputs(batch, length, heads, dk, dv, sequences=3 if packed else batch, logit_scale=1.0, seed=21)
+    sizes = [dk, dk, dv] if gates_apart else [dk, dk, dv, dk, dk]
+    parts = [q, k, v] if gates_apart else [q, k, v, z, u]
+    proj = torch.cat(parts, dim=-1).transpose(0, 1).contiguous().requires_grad_(True)  # [s, b, H, W]
+    gates = torch.cat([z, u], dim=-1).transpose(0, 1).contiguous().requires_grad_(True)
+    state = state.requires_grad_(True)
+    gen = torch.Generator().manual_seed(22)
+    w_o = torch.randn(batch, length, heads, dv, generator=gen, dtype=torch.float64)
+    w_s = torch.randn(state.shape, generator=gen, dtype=torch.float64)
+
+    def run(backend, dtype):
+        leaves = [x.detach().to(dtype).requires_grad_(True) for x in (proj, gates, state)]
+        pieces = list(leaves[0].transpose(0, 1).split(sizes, dim=-1))
+        if gates_apart:
+            pieces += list(leaves[1].transpose(0, 1).split([dk, dk], dim=-1))
+        if backend == "triton":
+            assert all(x.data_ptr() >= leaves[0].data_ptr() for x in pieces[:3])
+            assert launch._one_layout(pieces[0], pieces[1]) == (pieces[0], pieces[1])  # read in place
+            assert launch._one_layout(pieces[3], pieces[4]) == (pieces[3], pieces[4])
+        o, final = chunk_regla(*pieces, initial_state=leaves[2], output_final_state=True, cu_seqlens=cu, backend=backend)
+        loss = (o.double() * w_o).sum() + (final.double() * w_s).sum()
+        grads = torch.autograd.grad(loss, leaves if gates_apart else [leaves[0], leaves[2]])
+        return [o, final, *grads]
+
+    got, ref = run("triton", torch.float32), run("naive", torch.float64)
+    for index, (a, b) in enumerate(zip(got, ref)):
+        assert torch.isfinite(a).all(), index
+        error = ((a.double() - b).norm() / b.norm()).item()
+        assert error < 2e-5, (index, error)
+
+
 def test_saturated_gates(launch):
     d = launch.MIN_HEAD_DIM
     _compare(_inputs(1, 150, 2, 2 * d, d, saturated=True, seed=2), bound=2e-5, gate_bound=1e-4)
