@@ -83,6 +83,16 @@ def check(label, batch, length, heads, dk, dv, dtype, logit_scale=1.0, seqlens=N
     return ok
 
 
+def report(label, dtype, names, got, ref):
+    """Print PASS/FAIL with each relative error (bound by dtype); True when all are finite and within it."""
+    errors = {name: rel(a, b) for name, a, b in zip(names, got, ref)}
+    finite = all(bool(torch.isfinite(a).all()) for a in got)
+    ok = finite and all(e < BOUNDS[dtype] for e in errors.values())
+    text = " ".join(f"{n}={e:.1e}" for n, e in errors.items())
+    print(f"{'PASS' if ok else 'FAIL'} {label:38s} bound {BOUNDS[dtype]:.0e} finite={finite} {text}", flush=True)
+    return ok
+
+
 def run_outputs_only(call, inputs, weight):
     """Output and every input gradient of (call(q, k, v, z, u, h0) * weight).sum()."""
     leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
@@ -125,13 +135,7 @@ def check_segments(label, batch, length, heads, d, dtype, segments, slots, seed=
     got = run_outputs_only(by_segments(segments, slots) if slots else as_long_sequences, inputs, weights[0])
     ref = run("torch", [x.double() for x in inputs], None, weights + [torch.zeros(batch, heads, d, d, device="cuda", dtype=torch.float64)])
     ref = [ref[0]] + ref[2:]
-    names = [n for n in NAMES if n != "final_state"]
-    errors = {name: rel(a, b) for name, a, b in zip(names, got, ref)}
-    finite = all(bool(torch.isfinite(a).all()) for a in got)
-    ok = finite and all(e < BOUNDS[dtype] for e in errors.values())
-    text = " ".join(f"{n}={e:.1e}" for n, e in errors.items())
-    print(f"{'PASS' if ok else 'FAIL'} {label:38s} bound {BOUNDS[dtype]:.0e} finite={finite} {text}", flush=True)
-    return ok
+    return report(label, dtype, [n for n in NAMES if n != "final_state"], got, ref)
 
 
 def check_strided(label, batch, length, heads, d, dtype, seqlens=None, seed=0):
@@ -156,13 +160,7 @@ def check_strided(label, batch, length, heads, d, dtype, seqlens=None, seed=0):
 
     got = run_one("triton", lambda x: x.to(dtype))
     ref = run_one("torch", lambda x: x.to(dtype).double())
-    names = ["o", "final_state", "dprojection", "dinitial"]
-    errors = {name: rel(a, b) for name, a, b in zip(names, got, ref)}
-    finite = all(bool(torch.isfinite(a).all()) for a in got)
-    ok = finite and all(e < BOUNDS[dtype] for e in errors.values())
-    text = " ".join(f"{n}={e:.1e}" for n, e in errors.items())
-    print(f"{'PASS' if ok else 'FAIL'} {label:38s} bound {BOUNDS[dtype]:.0e} finite={finite} {text}", flush=True)
-    return ok
+    return report(label, dtype, ["o", "final_state", "dprojection", "dinitial"], got, ref)
 
 
 def check_decode(label, batch, heads, dk, dv, dtype, steps=6, seed=0):

@@ -2,8 +2,9 @@
 stabilizer, the refined log gate and the scale fused into the kernels.
 
 Stages (kernels in `triton_stages.py` and `triton_fast.py`):
-  forward : chunk_gates (parallel: cumulative log gate b per chunk from the logits, one
-            flag per chunk: whole-chunk products or sub-chunk kernels, and the key max)
+  forward : chunk_gates_rows (parallel over chunks, token by token: cumulative log gate b per
+            chunk from the logits, one flag per chunk: whole-chunk products or sub-chunk
+            kernels, and the key max)
             chunk_fwd_states (sequential over chunks: state at every chunk start, final state)
             chunk_fwd_output_fast / chunk_fwd_output (parallel over chunks, by flag; they also
             keep each token's query max for the backward)
@@ -13,9 +14,10 @@ Stages (kernels in `triton_stages.py` and `triton_fast.py`):
             chunk_bwd_main (parallel, by flag): dq, dk, dv and both gate-logit gradients
 No pass runs outside the kernels.
 
-Layout [B, T, H, D] (or B = 1 with `cu_seqlens`), any T (masked, no padding copies),
-bf16/fp16/fp32 inputs, fp32 state and accumulation, dk and dv powers of two in
-[MIN_HEAD_DIM, MAX_HEAD_DIM].
+Layout [B, T, H, D] (or B = 1 with `cu_seqlens`), any strides with contiguous features (read in
+place: Megatron's [s, b] activations as [b, s] views need no copy, see `_layout`), any T
+(masked, no padding copies), bf16/fp16/fp32 inputs, fp32 state and accumulation, dk and dv
+powers of two in [MIN_HEAD_DIM, MAX_HEAD_DIM].
 """
 
 import functools
@@ -244,14 +246,14 @@ def _gates(z, u, k, cu, table, total, key_max=None, out=None, need_key_max=True)
     if LAUNCH["gates_rows_warps"] > 0:
         chunk_gates_rows_kernel[(total, heads)](
             z, u, k, b, chunk_decay, flags, key_max if key_max is not None else b, table, cu,
-            heads, *_layout(k), *_layout(z), DK=dk, C=CHUNK_SIZE, LIMIT=_fast_limit(), KEY_MAX=compute_max, STAGES=LAUNCH["gates_rows_stages"],
-            num_warps=LAUNCH["gates_rows_warps"], **_register_cap("gates"),
+            heads, *_layout(k), *_layout(z), DK=dk, C=CHUNK_SIZE, LIMIT=_fast_limit(), KEY_MAX=compute_max,
+            STAGES=LAUNCH["gates_rows_stages"], num_warps=LAUNCH["gates_rows_warps"], **_register_cap("gates"),
         )
     else:
         chunk_gates_kernel[(total, heads)](
             z, u, k, b, chunk_decay, flags, key_max if key_max is not None else b, table, cu,
-            heads, *_layout(k), *_layout(z), DK=dk, C=CHUNK_SIZE, BK=min(dk, LAUNCH["gates_block_k"]), LIMIT=_fast_limit(), KEY_MAX=compute_max,
-            num_warps=LAUNCH["gates_warps"], num_stages=LAUNCH["gates_stages"], **_register_cap("gates"),
+            heads, *_layout(k), *_layout(z), DK=dk, C=CHUNK_SIZE, BK=min(dk, LAUNCH["gates_block_k"]), LIMIT=_fast_limit(),
+            KEY_MAX=compute_max, num_warps=LAUNCH["gates_warps"], num_stages=LAUNCH["gates_stages"], **_register_cap("gates"),
         )
     return b, chunk_decay, flags, key_max
 
@@ -348,7 +350,8 @@ def _bwd_main(q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, sca
             q, k, v, z, u, b, flags, key_max, q_max, score_grad, h, h_add, h_decay, dh, dh_add, dh_decay, do,
             dq, dk_, dz, du, table, cu, scale,
             heads, *_layout(q), *_layout(v), *_layout(z), DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=min(dv, LAUNCH["fast_dqk_block_v"]), DT=dt,
-            HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, num_warps=LAUNCH["fast_dqk_warps"], num_stages=LAUNCH["fast_dqk_stages"], **_register_cap("fast_dqk"),
+            HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, num_warps=LAUNCH["fast_dqk_warps"], num_stages=LAUNCH["fast_dqk_stages"],
+            **_register_cap("fast_dqk"),
         )
         del score_grad
     chunk_bwd_main_kernel[(total, heads)](

@@ -3,9 +3,10 @@
 Conventions (REGLA_SPEC sections 1 and 3). Tokens are numbered 0..T_total - 1 (batch rows
 one after another, or the packed sequences); sequence n covers tokens [cu[n], cu[n+1]) and is
 cut into chunks of C tokens, each chunk into C // S sub-chunks of S tokens. The inputs q, k
-(strides S_T, S_N, S_H), v (V_T, V_N, V_H) and z, u (Z_T, Z_N, Z_H) may be strided views (Megatron's [s, b]
-activations, `input_rows`); everything the kernels allocate (b, o, the gradients, the query
-max) is a contiguous [T_total, H, D] tensor addressed by rows = token * H + head. Inside a chunk, b is the cumulative log gate from the
+(strides S_T, S_N, S_H), v (V_T, V_N, V_H) and z, u (Z_T, Z_N, Z_H) may be strided views
+(Megatron's [s, b] activations, `input_rows`); everything the kernels allocate (b, o, the
+gradients, the query max) is a contiguous [T_total, H, D] tensor addressed by
+rows = token * H + head. Inside a chunk, b is the cumulative log gate from the
 chunk start (stored, fp32, by `chunk_gates_kernel`: the only stage that evaluates the gate
 from its logits, besides the chain rule at the end of the backward) and bw = b minus b at
 the end of the previous sub-chunk. Every gate factor is exp of a difference that is <= 0:
