@@ -211,7 +211,8 @@ def _layout(x: torch.Tensor) -> Tuple[int, int, int]:
     [T, H, D] or [B, T, H, D] starts tok * S_T + n * S_N + h * S_H elements after x's first
     (`triton_stages.input_rows`). With B > 1 the sequences are the batch rows, so a strided
     view, e.g. Megatron's [s, b] activations seen as [b, s], needs no copy."""
-    assert x.stride(-1) == 1, "the feature dim must be contiguous"
+    if x.stride(-1) != 1:
+        raise ValueError(f"Triton ReGLA kernels: features must be contiguous (stride 1), got strides {x.stride()}")
     if x.dim() == 3:
         return x.stride(0), 0, x.stride(1)
     batch, length = x.shape[:2]
@@ -471,6 +472,7 @@ def chunk_regla_triton(
     offsets, table, total = _chunk_tables(cu, CHUNK_SIZE)
     # Strided views go in as they are (no copies): q and k with one layout, z and u with another.
     q, k = _one_layout(q, k)
+    (v,) = _one_layout(v)
     gate_logits, refine_logits = _one_layout(gate_logits, refine_logits)
     if key_max is not None:  # else the gates kernel computes it
         key_max = key_max.detach().float().contiguous()

@@ -289,6 +289,21 @@ def test_strided_inputs_as_megatron_lays_them_out(gates_apart, packed, launch):
         assert error < 2e-5, (index, error)
 
 
+def test_inputs_with_strided_features_are_made_contiguous(launch):
+    """Inputs whose features are not contiguous (and so q, k with different layouts) are made
+    contiguous first and give exactly the contiguous inputs' results."""
+    from regla_kernels import chunk_regla
+
+    d = launch.MIN_HEAD_DIM
+    inputs = _inputs(2, 70, 2, d, d, seed=31)
+    flipped = [x.transpose(-1, -2).contiguous().transpose(-1, -2) for x in inputs[:5]]  # same values, stride(-1) > 1
+    assert all(x.stride(-1) != 1 for x in flipped)
+    want = chunk_regla(*inputs[:5], initial_state=inputs[5], output_final_state=True, backend="triton")
+    got = chunk_regla(flipped[0], inputs[1], *flipped[2:], initial_state=inputs[5], output_final_state=True, backend="triton")
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 def test_saturated_gates(launch):
     d = launch.MIN_HEAD_DIM
     _compare(_inputs(1, 150, 2, 2 * d, d, saturated=True, seed=2), bound=2e-5, gate_bound=1e-4)
