@@ -22,7 +22,7 @@ the layer is causal by construction (attention_mask is not read).
 """
 
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,17 @@ def _process_groups(pg_collection: Optional[ProcessGroupCollection]):
     if cp is None:
         cp = parallel_state.get_context_parallel_group(check_initialized=False)
     return tp, cp
+
+
+def _batch_major_pieces(projected: torch.Tensor, heads: int, sizes: List[int]) -> List[torch.Tensor]:
+    """[s, b, heads * sum(sizes)] -> per-head pieces [b, s, heads, size], all views (the Triton
+    kernels read them with their strides). Split first, then transpose each piece: the
+    backward then concatenates the pieces' gradients straight into the [s, b] layout the
+    projection's backward wants (transposing the whole first would leave it a transposed
+    gradient, copied again inside the linear layer)."""
+    seq, batch = projected.shape[:2]
+    per_head = projected.view(seq, batch, heads, -1)
+    return [piece.transpose(0, 1) for piece in per_head.split(sizes, dim=-1)]
 
 
 class ReGLAMixer(MegatronModule):
@@ -189,13 +200,11 @@ class ReGLAMixer(MegatronModule):
             raise NotImplementedError(INFERENCE_UNSUPPORTED)
         projected, _ = self.in_proj(hidden_states)
         seq, batch = projected.shape[:2]
-        # [s, b, Hl * W] -> [b, s, Hl, W] as a view; the pieces below are strided views too.
-        per_head = projected.view(seq, batch, self.num_local_heads, -1).transpose(0, 1)
-        pieces = list(per_head.split(self.split_sizes, dim=-1))
+        pieces = _batch_major_pieces(projected, self.num_local_heads, self.split_sizes)
         q, k, v = pieces[:3]
         if self.gate_rank > 0:
             gates, _ = self.gate_up(F.linear(hidden_states, self.gate_down_weight))
-            z, u = gates.view(seq, batch, self.num_local_heads, -1).transpose(0, 1).split(self.dk, dim=-1)
+            z, u = _batch_major_pieces(gates, self.num_local_heads, [self.dk, self.dk])
         else:
             z, u = pieces[3:5]
         z = z + self.gate_bias[:, : self.dk]

@@ -133,6 +133,30 @@ def test_input_gradient_matches_spec(megatron_single_process):
     torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("overrides", [dict(regla_output_gate=True), dict(regla_gate_rank=4)], ids=["full_rank", "low_rank"])
+def test_projection_gradients_arrive_in_the_projection_layout(megatron_single_process, overrides):
+    """The gradients of the in_proj (and gate_up) outputs come back as contiguous [s, b, ...]
+    tensors: the pieces are split before they are transposed to [b, s], so the backward
+    concatenates straight into the projection's layout and its linear layer copies nothing."""
+    mixer = build_mixer(mixer_config(**overrides))
+    seen = {}
+
+    def watch(name):
+        def hook(module, args, output):
+            output[0].register_hook(lambda grad: seen.__setitem__(name, (grad.is_contiguous(), grad.shape)))
+
+        return hook
+
+    mixer.in_proj.register_forward_hook(watch("in_proj"))
+    if overrides.get("regla_gate_rank"):
+        mixer.gate_up.register_forward_hook(watch("gate_up"))
+    x = torch.randn(SEQ, BATCH, HIDDEN, dtype=torch.float64, requires_grad=True)
+    mixer(x)[0].square().sum().backward()
+    assert set(seen) == ({"in_proj", "gate_up"} if overrides.get("regla_gate_rank") else {"in_proj"})
+    for name, (contiguous, shape) in seen.items():
+        assert contiguous and shape[:2] == (SEQ, BATCH), (name, shape)
+
+
 def test_packed_sequences_restart_state_and_key_max(megatron_single_process):
     from megatron.core.packed_seq_params import PackedSeqParams
 
