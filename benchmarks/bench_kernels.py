@@ -141,7 +141,7 @@ SWEEP = [  # not tried yet (session 4 tried the rest: benchmarks/NOTES_kernels.m
     ("fast_dqk_warps", [4]),
     ("fast_dv_warps", [8]),
     ("states_stages", [4]),
-    ("gates_rows_stages", [4]),
+    ("gates_stages", [4]),
 ]
 
 
@@ -234,6 +234,15 @@ def markdown(meta, rows):
     return "\n".join(lines) + "\n"
 
 
+def apply_launch(settings):
+    """KEY=VALUE overrides of triton_chunk.LAUNCH (numbers as in the dict)."""
+    for item in settings or []:
+        key, value = item.split("=")
+        if key not in triton_chunk.LAUNCH:
+            raise SystemExit(f"unknown launch setting {key!r}; have {sorted(triton_chunk.LAUNCH)}")
+        triton_chunk.LAUNCH[key] = type(triton_chunk.LAUNCH[key])(float(value))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks"))
@@ -244,9 +253,7 @@ def main():
     parser.add_argument("--gate", default="2,1", help="gate logit mean,std (default 2,1)")
     parser.add_argument("--launch", nargs="*", help="KEY=VALUE overrides of regla_kernels.triton_chunk.LAUNCH")
     args = parser.parse_args()
-    for item in args.launch or []:
-        key, value = item.split("=")
-        triton_chunk.LAUNCH[key] = type(triton_chunk.LAUNCH[key])(float(value))
+    apply_launch(args.launch)
     GATE["mean"], GATE["std"] = (float(x) for x in args.gate.split(","))
     meta = versions()
     meta["gate_logits"] = dict(GATE)

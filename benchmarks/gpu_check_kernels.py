@@ -15,6 +15,7 @@ os.environ["REGLA_TRITON_POISON"] = "1"
 
 import torch  # noqa: E402
 
+from bench_kernels import apply_launch  # noqa: E402
 from regla_kernels import chunk_regla, triton_chunk  # noqa: E402
 
 BOUNDS = {torch.float32: 3e-3, torch.bfloat16: 1e-2, torch.float16: 5e-3}
@@ -184,15 +185,6 @@ def check_decode(label, batch, heads, dk, dv, dtype, steps=6, seed=0):
     ok = worst < BOUNDS[dtype]
     print(f"{'PASS' if ok else 'FAIL'} {label:38s} bound {BOUNDS[dtype]:.0e} worst relative error over {steps} steps {worst:.1e}", flush=True)
     return ok
-
-
-def apply_launch(settings):
-    """KEY=VALUE overrides of triton_chunk.LAUNCH (numbers as in the dict)."""
-    for item in settings or []:
-        key, value = item.split("=")
-        if key not in triton_chunk.LAUNCH:
-            raise SystemExit(f"unknown launch setting {key!r}; have {sorted(triton_chunk.LAUNCH)}")
-        triton_chunk.LAUNCH[key] = type(triton_chunk.LAUNCH[key])(float(value))
 
 
 def main():

@@ -8,8 +8,7 @@ import argparse
 
 import torch
 
-from bench_kernels import TOKENS, make_inputs, regla_chunk_call
-from regla_kernels import triton_chunk
+from bench_kernels import TOKENS, apply_launch, make_inputs, regla_chunk_call
 
 
 def main():
@@ -18,9 +17,7 @@ def main():
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--launch", nargs="*", help="KEY=VALUE overrides of regla_kernels.triton_chunk.LAUNCH")
     args = parser.parse_args()
-    for item in args.launch or []:
-        key, value = item.split("=")
-        triton_chunk.LAUNCH[key] = type(triton_chunk.LAUNCH[key])(float(value))
+    apply_launch(args.launch)
     inputs = make_inputs(TOKENS // args.length, args.length, True)
     for _ in range(args.iterations):
         o = regla_chunk_call(inputs)

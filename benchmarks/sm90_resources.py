@@ -54,7 +54,6 @@ def main():
     parser.add_argument("--carry", action="store_true", help="the context-parallel variants (carried states)")
     parser.add_argument("--fast-bk", type=int, default=tc.LAUNCH["fast_dqk_block_k"])
     parser.add_argument("--fast-dv-bv", type=int, default=tc.LAUNCH["fast_dv_block_v"])
-    parser.add_argument("--gates-bk", type=int, default=tc.LAUNCH["gates_block_k"])
     a = parser.parse_args()
     warps = {k.replace("_warps", ""): v for k, v in tc.LAUNCH.items() if k.endswith("_warps")}
     warps.update({k: int(v) for k, v in (w.split("=") for w in a.warps)})
@@ -70,8 +69,7 @@ def main():
     # input strides (`triton_chunk._layout`): Megatron's [s, b] projection views, divisible by 16
     args.update({name: "i32" for name in ("S_T", "S_N", "S_H", "V_T", "V_N", "V_H", "Z_T", "Z_N", "Z_H")})
     jobs = []
-    jobs.append(("gates", ts.chunk_gates_kernel, dict(DK=d, C=tc.CHUNK_SIZE, BK=min(d, a.gates_bk), LIMIT=60.0, KEY_MAX=True), warps["gates"]))
-    jobs.append(("gates_rows", ts.chunk_gates_rows_kernel, dict(DK=d, C=tc.CHUNK_SIZE, LIMIT=60.0, KEY_MAX=True, STAGES=2), warps.get("gates_rows", 1) or 1))
+    jobs.append(("gates", ts.chunk_gates_kernel, dict(DK=d, C=tc.CHUNK_SIZE, LIMIT=60.0, KEY_MAX=True, STAGES=tc.LAUNCH["gates_stages"]), warps["gates"]))
     jobs.append(("fwd_states", ts.chunk_fwd_states_kernel, dict(DK=d, DV=d, C=tc.CHUNK_SIZE, BK=64, BV=64, HAS_H0=False, STORE_HT=True, DT=dt), warps["states"]))
     jobs.append(("fwd_output_fast", tf.chunk_fwd_output_fast_kernel, dict(DK=d, DV=d, C=tc.CHUNK_SIZE, BV=a.fast_output_bv, DT=dt, HAS_HADD=a.carry), warps["fast_output"]))
     jobs.append(("fwd_output_sub", ts.chunk_fwd_output_kernel, dict(common, BV=64, DT=tl.float32, DIAG_LIMIT=-1.0, HAS_HADD=a.carry), warps["output"]))

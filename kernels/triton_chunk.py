@@ -2,7 +2,7 @@
 stabilizer, the refined log gate and the scale fused into the kernels.
 
 Stages (kernels in `triton_stages.py` and `triton_fast.py`):
-  forward : chunk_gates_rows (parallel over chunks, token by token: cumulative log gate b per
+  forward : chunk_gates (parallel over chunks, token by token: cumulative log gate b per
             chunk from the logits, one flag per chunk: whole-chunk products or sub-chunk
             kernels, and the key max)
             chunk_fwd_states (sequential over chunks: state at every chunk start, final state)
@@ -32,7 +32,6 @@ from .gating import refined_log_gate, sequence_key_max
 from .triton_fast import chunk_bwd_dqk_fast_kernel, chunk_bwd_dv_fast_kernel, chunk_fwd_output_fast_kernel
 from .triton_stages import (
     chunk_gates_kernel,
-    chunk_gates_rows_kernel,
     chunk_bwd_dstates_kernel,
     chunk_bwd_main_kernel,
     chunk_fwd_output_kernel,
@@ -49,8 +48,8 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # before the kernels write it, so a check sees any element they miss.
 LAUNCH = {
     "sub_chunk": SUB_CHUNK_SIZE,
-    "gates_warps": 8,
-    "gates_block_k": 16,
+    "gates_warps": 1,
+    "gates_stages": 2,  # loads in flight in the gates kernel's walk over a chunk's tokens
     "states_warps": 4,
     "states_stages": 3,
     "output_warps": 8,
@@ -74,12 +73,7 @@ LAUNCH = {
     "fast_dqk_warps": 8,
     "fast_dqk_block_k": 32,
     "fast_dqk_block_v": 128,
-    # Software-pipelining depth of the loops over key blocks (gates) and value blocks (dv, dq/dk).
-    "gates_stages": 1,
-    # > 0: the gates kernel token by token (`chunk_gates_rows_kernel`) with this many warps
-    # and gates_rows_stages loads in flight; 0: over [C, gates_block_k] tiles.
-    "gates_rows_warps": 1,
-    "gates_rows_stages": 2,
+    # Software-pipelining depth of the loops over value blocks (dv, dq/dk).
     "fast_dv_stages": 1,
     "fast_dqk_stages": 1,
     # Long sequences, few of them (B x H small): with a final state not asked for, and state
@@ -244,18 +238,11 @@ def _gates(z, u, k, cu, table, total, key_max=None, out=None, need_key_max=True)
     compute_max = key_max is None and need_key_max
     if compute_max:
         key_max = torch.full((cu.numel() - 1, heads), float("-inf"), device=z.device, dtype=torch.float32)
-    if LAUNCH["gates_rows_warps"] > 0:
-        chunk_gates_rows_kernel[(total, heads)](
-            z, u, k, b, chunk_decay, flags, key_max if key_max is not None else b, table, cu,
-            heads, *_layout(k), *_layout(z), DK=dk, C=CHUNK_SIZE, LIMIT=_fast_limit(), KEY_MAX=compute_max,
-            STAGES=LAUNCH["gates_rows_stages"], num_warps=LAUNCH["gates_rows_warps"], **_register_cap("gates"),
-        )
-    else:
-        chunk_gates_kernel[(total, heads)](
-            z, u, k, b, chunk_decay, flags, key_max if key_max is not None else b, table, cu,
-            heads, *_layout(k), *_layout(z), DK=dk, C=CHUNK_SIZE, BK=min(dk, LAUNCH["gates_block_k"]), LIMIT=_fast_limit(),
-            KEY_MAX=compute_max, num_warps=LAUNCH["gates_warps"], num_stages=LAUNCH["gates_stages"], **_register_cap("gates"),
-        )
+    chunk_gates_kernel[(total, heads)](
+        z, u, k, b, chunk_decay, flags, key_max if key_max is not None else b, table, cu,
+        heads, *_layout(k), *_layout(z), DK=dk, C=CHUNK_SIZE, LIMIT=_fast_limit(), KEY_MAX=compute_max,
+        STAGES=LAUNCH["gates_stages"], num_warps=LAUNCH["gates_warps"], **_register_cap("gates"),
+    )
     return b, chunk_decay, flags, key_max
 
 
@@ -390,7 +377,7 @@ class _ChunkReGLATriton(torch.autograd.Function):
 
 
 def fast_chunk_mask(gate_logits: torch.Tensor, refine_logits: torch.Tensor, limit: Optional[float] = None) -> torch.Tensor:
-    """Which chunks take the whole-chunk product kernels: the torch twin of `chunk_fast_path`.
+    """Which chunks take the whole-chunk product kernels: the torch twin of `chunk_fast_flag`.
 
     Args:
         gate_logits, refine_logits: [B, T, H, dk] (one sequence per batch row).

@@ -74,14 +74,6 @@ def input_rows(tok, n, head, S_T, S_N, S_H):
 
 
 @triton.jit
-def load_chunk_gates(z_ptr, u_ptr, zrows, mask, cols):
-    """log F of one chunk [C, len(cols)] in fp32, 0 on padding rows (zrows: `input_rows` of z, u)."""
-    z = tl.load(z_ptr + zrows[:, None] + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + zrows[:, None] + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
-    return tl.where(mask[:, None], refined_log_gate_tl(z, u), 0.0)
-
-
-@triton.jit
 def load_query_features(q_ptr, qrows, mask, DK: tl.constexpr):
     """(phi_q = exp(q - rowmax q) [C, DK] fp32, 0 on padding rows; rowmax q [C] fp32)."""
     cols = tl.arange(0, DK)
@@ -136,13 +128,12 @@ def load_cumulative_gates(b_ptr, rows, mask, cols, C: tl.constexpr, S: tl.conste
 
 
 @triton.jit
-def chunk_fast_path(b, b_end, C: tl.constexpr, LIMIT: tl.constexpr):
-    """(b_r [DK], fast) for the reference row r = C/2 - 1 of a chunk's cumulative gates b [C, DK]
-    (b_r = b_end when the chunk is shorter): fast when LIMIT >= 0 and every factor
-    exp(b_t - b_r), exp(b_r - b_s) of the chunk lies in [e^-LIMIT, e^LIMIT] (triton_fast.py)."""
-    b_ref = tl.min(tl.where(tl.arange(0, C)[:, None] < C // 2, b, 0.0), axis=0)
-    fast = (tl.min(b_ref, axis=0) >= -LIMIT) & (tl.min(b_end - b_ref, axis=0) >= -LIMIT) & (LIMIT >= 0)
-    return b_ref, fast
+def chunk_fast_flag(b_ref, b_end, LIMIT: tl.constexpr):
+    """Whether a chunk takes the whole-chunk product kernels (triton_fast.py): LIMIT >= 0 and
+    every factor exp(b_t - b_r), exp(b_r - b_s) of the chunk lies in [e^-LIMIT, e^LIMIT], from
+    b_r [DK] (the cumulative gate at the reference row r = C/2 - 1, or at the last row of a
+    shorter chunk) and b_end [DK] (at the last row)."""
+    return (tl.min(b_ref, axis=0) >= -LIMIT) & (tl.min(b_end - b_ref, axis=0) >= -LIMIT) & (LIMIT >= 0)
 
 
 @triton.jit
@@ -250,49 +241,18 @@ def sub_chunk_scores(
 @triton.jit
 def chunk_gates_kernel(
     z_ptr, u_ptr, k_ptr, b_ptr, bend_ptr, flag_ptr, kmax_ptr, table_ptr, cu_ptr,
-    H, S_T, S_N, S_H, Z_T, Z_N, Z_H, DK: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, LIMIT: tl.constexpr, KEY_MAX: tl.constexpr,
+    H, S_T, S_N, S_H, Z_T, Z_N, Z_H, DK: tl.constexpr, C: tl.constexpr, LIMIT: tl.constexpr,
+    KEY_MAX: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """One chunk, one head: b = cumulative log F from the chunk start (fp32, valid rows), the
-    chunk's total log decay b_end (fp32 [DK]) and the flag of `chunk_fast_path` (int8), key
-    features BK at a time. With KEY_MAX also the key max: the chunk's max of k joins its
-    sequence's entry of kmax (fp32 [N, H], -inf before) by an atomic max."""
-    ic = tl.program_id(0)
-    head = tl.program_id(1)
-    n, c, start, eos = chunk_location(table_ptr, cu_ptr, ic, C)
-    tok = start + tl.arange(0, C)
-    mask = tok < eos
-    rows = tok * H + head
-    zrows = input_rows(tok, n, head, Z_T, Z_N, Z_H)
-    krows = input_rows(tok, n, head, S_T, S_N, S_H)
-    # A rolled loop: unrolled, the compiler keeps every key block's gate chain live (231
-    # registers at BK 64: one program per multiprocessor). Rolled, at BK 16, Triton 3.6 uses 48
-    # and the H200 runs 5 programs per multiprocessor (benchmarks/runs/s4_call3/ncu.log).
-    fast = tl.full([], 1, tl.int32)
-    k_max = tl.full([], float("-inf"), tl.float32)
-    for kb in range(DK // BK):
-        rk = kb * BK + tl.arange(0, BK)
-        b = tl.cumsum(load_chunk_gates(z_ptr, u_ptr, zrows, mask, rk), axis=0)
-        tl.store(b_ptr + rows[:, None] * DK + rk[None, :], b, mask=mask[:, None])
-        b_end = tl.min(b, axis=0)
-        tl.store(bend_ptr + (ic.to(tl.int64) * H + head) * DK + rk, b_end)
-        _, fast_block = chunk_fast_path(b, b_end, C, LIMIT)
-        fast = fast & fast_block.to(tl.int32)
-        if KEY_MAX:
-            k = tl.load(k_ptr + krows[:, None] + rk[None, :], mask=mask[:, None], other=float("-inf"))
-            k_max = tl.maximum(k_max, tl.max(tl.max(k.to(tl.float32), axis=1), axis=0))
-    tl.store(flag_ptr + ic.to(tl.int64) * H + head, fast.to(tl.int8))
-    if KEY_MAX:
-        tl.atomic_max(kmax_ptr + n * H + head, k_max)
+    """One chunk, one head, token by token: b = cumulative log F from the chunk start (fp32,
+    valid rows), the chunk's total log decay b_end (fp32 [DK]) and the flag of
+    `chunk_fast_flag` (int8). With KEY_MAX also the key max: the chunk's max of k joins its
+    sequence's entry of kmax (fp32 [N, H], -inf before) by an atomic max.
 
-
-@triton.jit
-def chunk_gates_rows_kernel(
-    z_ptr, u_ptr, k_ptr, b_ptr, bend_ptr, flag_ptr, kmax_ptr, table_ptr, cu_ptr,
-    H, S_T, S_N, S_H, Z_T, Z_N, Z_H, DK: tl.constexpr, C: tl.constexpr, LIMIT: tl.constexpr, KEY_MAX: tl.constexpr, STAGES: tl.constexpr,
-):
-    """`chunk_gates_kernel` token by token: one program per chunk and head walks the chunk's
-    rows (all DK features, one contiguous row of z, u and k per step) and keeps b as a running
-    sum in registers: no scan across threads, few registers, many programs per multiprocessor."""
+    The program walks the chunk's rows (one contiguous row of z, u and k per step, STAGES
+    loads in flight) and keeps b as a running sum in registers: no scan across threads. On
+    the H200 this took the gates from 1.07 ms ([C, 16] tiles with tl.cumsum, issue-bound) to
+    0.61 ms at 64K tokens (benchmarks/NOTES_kernels.md, v7)."""
     ic = tl.program_id(0)
     head = tl.program_id(1)
     n, c, start, eos = chunk_location(table_ptr, cu_ptr, ic, C)
@@ -311,8 +271,7 @@ def chunk_gates_rows_kernel(
         if KEY_MAX:
             k_max = tl.maximum(k_max, tl.load(k_ptr + input_rows(tok, n, head, S_T, S_N, S_H) + rk).to(tl.float32))
     tl.store(bend_ptr + (ic.to(tl.int64) * H + head) * DK + rk, b)
-    fast = (tl.min(b_ref, axis=0) >= -LIMIT) & (tl.min(b - b_ref, axis=0) >= -LIMIT) & (LIMIT >= 0)
-    tl.store(flag_ptr + ic.to(tl.int64) * H + head, fast.to(tl.int8))
+    tl.store(flag_ptr + ic.to(tl.int64) * H + head, chunk_fast_flag(b_ref, b, LIMIT).to(tl.int8))
     if KEY_MAX:
         tl.atomic_max(kmax_ptr + n * H + head, tl.max(k_max, axis=0))
 

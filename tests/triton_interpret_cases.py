@@ -219,30 +219,42 @@ def test_split_key_and_value_blocks(launch):
     (and the fast dq/dk stage over key blocks)."""
     d = launch.MIN_HEAD_DIM
     launch.LAUNCH.update(
-        states_block_k=d, states_block_v=d, block_v=d, fast_output_block_v=d, fast_dv_block_v=d, fast_dqk_block_k=d, fast_dqk_block_v=d, gates_block_k=d
+        states_block_k=d, states_block_v=d, block_v=d, fast_output_block_v=d, fast_dv_block_v=d, fast_dqk_block_k=d, fast_dqk_block_v=d
     )
     _compare(_inputs(2, 150, 2, 2 * d, 2 * d, seed=1), bound=2e-5)
 
 
 @pytest.mark.parametrize("warps, stages", [(1, 2), (2, 1)])
-def test_gates_token_by_token(warps, stages, launch):
-    """LAUNCH["gates_rows_warps"]: the token-by-token gates kernel gives the tiled kernel's b,
-    chunk decays, flags and key max (packed sequences, fast and sub-chunk chunks mixed), and
-    the whole forward and backward on top of it match the fp64 recurrence."""
-    d = launch.MIN_HEAD_DIM
+def test_gates_kernel(warps, stages, launch):
+    """The token-by-token gates kernel gives each chunk's cumulative log gate b, total decay,
+    fast-path flag (`fast_chunk_mask`, its torch twin) and each sequence's key max as the
+    torch functions do (packed sequences, fast and sub-chunk chunks mixed), and the whole
+    forward and backward on top of it match the fp64 recurrence."""
+    from regla_kernels import refined_log_gate, sequence_key_max
+
+    d, C = launch.MIN_HEAD_DIM, launch.CHUNK_SIZE
     lengths = [37, 100, 13]
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
     inputs = _inputs(1, sum(lengths), 2, 2 * d, 2 * d, sequences=len(lengths), logit_scale=1.0, seed=11)
-    launch.LAUNCH.update(fast_limit=17.0)
-    offsets, table, total = launch._chunk_tables(cu, launch.CHUNK_SIZE)
+    launch.LAUNCH.update(fast_limit=17.0, gates_warps=warps, gates_stages=stages)
+    offsets, table, total = launch._chunk_tables(cu, C)
     z, u, k = (x[0].contiguous() for x in (inputs[3], inputs[4], inputs[1]))
-    tiled = launch._gates(z, u, k, cu, table, total)
-    launch.LAUNCH.update(gates_rows_warps=warps, gates_rows_stages=stages)
-    rows = launch._gates(z, u, k, cu, table, total)
-    assert tiled[2].any() and not tiled[2].all(), tiled[2]
-    assert torch.equal(rows[2], tiled[2]) and torch.equal(rows[3], tiled[3])
-    for a, b in zip(rows[:2], tiled[:2]):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    b, chunk_decay, flags, key_max = launch._gates(z, u, k, cu, table, total)
+    want_b, want_decay, want_flags, want_max = [], [], [], []
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        zs, us = inputs[3][:, start:end].double(), inputs[4][:, start:end].double()
+        log_f = refined_log_gate(zs, us)[0]  # [L, H, dk]
+        padded = torch.nn.functional.pad(log_f, (0, 0, 0, 0, 0, (-(end - start)) % C))
+        cumulative = padded.reshape(-1, C, *log_f.shape[1:]).cumsum(dim=1)
+        want_b.append(cumulative.flatten(0, 1)[: end - start])
+        want_decay.append(cumulative[:, -1])
+        want_flags.append(launch.fast_chunk_mask(zs, us)[0])
+        want_max.append(sequence_key_max(inputs[1][:, start:end])[0])
+    assert flags.any() and not flags.all(), flags
+    assert torch.equal(flags.bool(), torch.cat(want_flags))
+    assert torch.equal(key_max, torch.stack(want_max).float())
+    torch.testing.assert_close(b.double(), torch.cat(want_b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunk_decay.double(), torch.cat(want_decay), rtol=1e-5, atol=1e-5)
     _compare(inputs, bound=2e-5, cu_seqlens=cu)
 
 
