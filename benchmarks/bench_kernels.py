@@ -137,11 +137,9 @@ MEASURES = {"regla": measure_regla, "fla": measure_fla, "sdpa": measure_sdpa}
 
 # Greedy sweep: each launch setting in turn, its alternatives tried on top of the best so far
 # (an alternative may be a dict: several settings changed together).
-SWEEP = [  # not tried yet (session 4 tried the rest: benchmarks/NOTES_kernels.md, v7)
-    ("fast_dqk_warps", [4]),
-    ("fast_dv_warps", [8]),
-    ("states_stages", [4]),
-    ("gates_stages", [4]),
+SWEEP = [  # not tried yet (session 5 tried the rest: benchmarks/NOTES_kernels.md, v8)
+    ("fast_dv_stages", [2]),
+    ("fast_dqk_stages", [2]),
 ]
 
 
@@ -240,7 +238,8 @@ def apply_launch(settings):
         key, value = item.split("=")
         if key not in triton_chunk.LAUNCH:
             raise SystemExit(f"unknown launch setting {key!r}; have {sorted(triton_chunk.LAUNCH)}")
-        triton_chunk.LAUNCH[key] = type(triton_chunk.LAUNCH[key])(float(value))
+        kind = type(triton_chunk.LAUNCH[key])
+        triton_chunk.LAUNCH[key] = value == "True" if kind is bool else kind(float(value))
 
 
 def main():
@@ -250,6 +249,7 @@ def main():
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--methods", default="regla,sdpa,fla", help="in this order per length")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile-lengths", default="8192", help="lengths the --profile runs at")
     parser.add_argument("--gate", default="2,1", help="gate logit mean,std (default 2,1)")
     parser.add_argument("--launch", nargs="*", help="KEY=VALUE overrides of regla_kernels.triton_chunk.LAUNCH")
     args = parser.parse_args()
@@ -277,7 +277,7 @@ def main():
 
     rows = bench([int(x) for x in args.lengths.split(",") if x], [m for m in args.methods.split(",") if m], write)
     if args.profile:
-        result["profile"] = profile()
+        result["profile"] = {length: profile(int(length)) for length in args.profile_lengths.split(",")}
         write(rows)
     print(markdown(meta, rows), flush=True)
 

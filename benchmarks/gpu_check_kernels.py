@@ -127,11 +127,13 @@ def as_long_sequences(q, k, v, z, u, h0):
         triton_chunk.LAUNCH["segment_min_programs"] = saved
 
 
-def check_segments(label, batch, length, heads, d, dtype, segments, slots, seed=0):
+def check_segments(label, batch, length, heads, d, dtype, segments, slots, gate_shift=0.0, seed=0):
     """The segments path (slots > 0: through chunk_regla_segments; 0: chunk_regla's long-sequence
-    route) against the one-pass torch reference in fp64 (output, all gradients)."""
+    route) against the one-pass torch reference in fp64 (output, all gradients). gate_shift moves
+    the gate logits up: slow gates, so the carried states weigh in every chunk of a segment."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     inputs = draw(batch, length, heads, d, d, dtype, 1.0, batch, gen)
+    inputs[3] = inputs[3] + gate_shift
     weights = [torch.randn(batch, length, heads, d, generator=gen, device="cuda", dtype=torch.float64)]
     got = run_outputs_only(by_segments(segments, slots) if slots else as_long_sequences, inputs, weights[0])
     ref = run("torch", [x.double() for x in inputs], None, weights + [torch.zeros(batch, heads, d, d, device="cuda", dtype=torch.float64)])
@@ -219,7 +221,8 @@ def main():
             results.append(False)
     for label, *case in [("segments 4 slots 4 bf16 B2 T4096 H4 d128", 2, 4096, 4, 128, torch.bfloat16, 4, 4),
                          ("segments 2 slots 1 fp32 B1 T1920 H2 d64", 1, 1920, 2, 64, torch.float32, 2, 1),
-                         ("long sequences as 8 segments bf16 B2 T8192 H4", 2, 8192, 4, 128, torch.bfloat16, 8, 0)]:
+                         ("long sequences as 8 segments bf16 B2 T8192 H4", 2, 8192, 4, 128, torch.bfloat16, 8, 0),
+                         ("slow gates as 4 segments bf16 B2 T4096 H4", 2, 4096, 4, 128, torch.bfloat16, 4, 0, 4.0)]:
         try:
             results.append(check_segments(label, *case))
         except Exception as error:

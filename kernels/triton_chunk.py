@@ -51,7 +51,7 @@ LAUNCH = {
     "gates_warps": 1,
     "gates_stages": 2,  # loads in flight in the gates kernel's walk over a chunk's tokens
     "states_warps": 4,
-    "states_stages": 3,
+    "states_stages": 2,
     "output_warps": 8,
     "bwd_warps": 8,
     "block_v": 64,  # sub-chunk output kernel
@@ -68,10 +68,10 @@ LAUNCH = {
     "fast_limit": 60.0,
     "fast_output_warps": 8,
     "fast_output_block_v": 64,
-    "fast_dv_warps": 4,
+    "fast_dv_warps": 8,
     "fast_dv_block_v": 128,
-    "fast_dqk_warps": 8,
-    "fast_dqk_block_k": 32,
+    "fast_dqk_warps": 4,
+    "fast_dqk_block_k": 64,
     "fast_dqk_block_v": 128,
     # Software-pipelining depth of the loops over value blocks (dv, dq/dk).
     "fast_dv_stages": 1,
@@ -159,6 +159,15 @@ def _chunk_tables(cu_seqlens: torch.Tensor, chunk: int):
     local = torch.arange(total, device=cu_seqlens.device) - offsets[seq]
     table = torch.stack([seq, local], dim=1).to(torch.int32).contiguous()
     return offsets.to(torch.int32).contiguous(), table, total
+
+
+@functools.lru_cache(maxsize=64)
+def _regular_tables(batch: int, length: int, device: torch.device):
+    """(cu, offsets, table, total) of `_chunk_tables` for B sequences of T tokens, made once per
+    (B, T, device): the general tables need the chunk count on the host (a device sync)."""
+    cu = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32)[: batch + 1]
+    offsets, table, total = _chunk_tables(cu, CHUNK_SIZE)
+    return cu.to(device), offsets.to(device), table.to(device), total
 
 
 def _block_v(dv: int) -> int:
@@ -267,14 +276,15 @@ def _fwd_states(k, v, b, key_max, h0, cu, offsets, total, store_final, out=None)
     return h, (ht if store_final else None)
 
 
-def _carried(carry, like):
-    """Kernel arguments (state, decay, flag) of an optional (state [N, H, dk, dv] fp32, decay [chunks, H, dk] fp32)
-    pair: a state entering each sequence from outside, added to every chunk's state with the decay
-    from the sequence start (or end) to that chunk."""
+def _carried(carry, like, dtype=torch.float32):
+    """Kernel arguments (state, decay, flag) of an optional (state [N, H, dk, dv], decay [chunks, H, dk]
+    fp32) pair: a state entering each sequence from outside, added to every chunk's state with the
+    decay from the sequence start (or end) to that chunk. The state goes in `dtype`: fp32 where a
+    kernel adds it to the stored state, the product dtype where it is a product of its own."""
     if carry is None:
         return like, like, False
     state, decay = carry
-    return state.float().contiguous(), decay.float().contiguous(), True
+    return state.to(dtype).contiguous(), decay.float().contiguous(), True
 
 
 def _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, h_carry=None, out=None):
@@ -287,8 +297,9 @@ def _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, h_carry=
     o, q_max = out
     h_add, h_decay, has_h_add = _carried(h_carry, b)
     if _fast_limit() >= 0:
+        fast_add = _carried(h_carry, b, _state_dtype(q.dtype))[0]
         chunk_fwd_output_fast_kernel[(total, heads)](
-            q, k, v, b, flags, key_max, h, h_add, h_decay, o, q_max, table, cu, scale,
+            q, k, v, b, flags, key_max, h, fast_add, h_decay, o, q_max, table, cu, scale,
             heads, *_layout(q), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, BV=min(dv, LAUNCH["fast_output_block_v"]), DT=_dot_dtype(q.dtype),
             HAS_HADD=has_h_add, num_warps=LAUNCH["fast_output_warps"], num_stages=1, **_register_cap("fast_output"),
         )
@@ -329,7 +340,7 @@ def _bwd_main(q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, sca
     if _fast_limit() >= 0:
         score_grad = torch.empty(total, heads, CHUNK_SIZE, CHUNK_SIZE, device=q.device, dtype=_state_dtype(q.dtype))
         chunk_bwd_dv_fast_kernel[(total, heads)](
-            q, k, v, b, flags, key_max, dh, dh_add, dh_decay, do, dv_, score_grad, table, cu, scale,
+            q, k, v, b, flags, key_max, dh, _carried(dh_carry, b, _state_dtype(q.dtype))[0], dh_decay, do, dv_, score_grad, table, cu, scale,
             heads, *_layout(q), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, BV=min(dv, LAUNCH["fast_dv_block_v"]), DT=dt, HAS_DHADD=has_dh_add,
             num_warps=LAUNCH["fast_dv_warps"], num_stages=LAUNCH["fast_dv_stages"], **_register_cap("fast_dv"),
         )
@@ -453,10 +464,10 @@ def chunk_regla_triton(
     if segments > 1:
         return _by_segments(q, k, v, gate_logits, refine_logits, scale, key_max, initial_state, segments), None
     if cu_seqlens is None:
-        cu = torch.arange(0, (batch + 1) * length, length, device=q.device, dtype=torch.int32)[: batch + 1]
+        cu, offsets, table, total = _regular_tables(batch, length, q.device)
     else:
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
-    offsets, table, total = _chunk_tables(cu, CHUNK_SIZE)
+        offsets, table, total = _chunk_tables(cu, CHUNK_SIZE)
     # Strided views go in as they are (no copies): q and k with one layout, z and u with another.
     q, k = _one_layout(q, k)
     (v,) = _one_layout(v)

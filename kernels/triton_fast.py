@@ -29,7 +29,7 @@ import triton.language as tl
 from .triton_stages import (
     chunk_rows,
     input_rows,
-    load_chunk_cumulative_gates,
+    load_gate_row,
     load_key_features,
     load_query_features,
     load_query_features_cols,
@@ -39,13 +39,30 @@ from .triton_stages import (
 
 
 @triton.jit
-def key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, rows, krows, mask, rk, DK: tl.constexpr, C: tl.constexpr):
+def key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, start, eos, rows, krows, mask, rk, DK: tl.constexpr, C: tl.constexpr):
     """Of a fast chunk, key features rk: b [C, len(rk)], b_end, b_r (b at the reference row
-    r = C/2 - 1, or b_end when the chunk is shorter) and phi_k [C, len(rk)] (fp32)."""
-    b, b_end = load_chunk_cumulative_gates(b_ptr, rows, mask, rk, DK)
-    b_ref = tl.min(tl.where(tl.arange(0, C)[:, None] < C // 2, b, 0.0), axis=0)
+    r = C/2 - 1, or b_end when the chunk is shorter) and the fp32 key factor
+    K~ = phi_k * exp(b_r - b) [C, len(rk)] (one exponential per element)."""
+    b = tl.load(b_ptr + rows[:, None] * DK + rk[None, :], mask=mask[:, None], other=0.0)
+    b_end = load_gate_row(b_ptr, start, eos, C - 1, head, H, rk, DK)
+    b_ref = load_gate_row(b_ptr, start, eos, C // 2 - 1, head, H, rk, DK)
     key_max = tl.load(kmax_ptr + n * H + head).to(tl.float32)
-    return b, b_end, b_ref, load_key_features(k_ptr, krows, mask, key_max, rk)
+    return b, b_end, b_ref, load_key_features(k_ptr, krows, mask, key_max, rk, b_ref[None, :] - b)
+
+
+@triton.jit
+def carried_factor(x, log_scale, decay_ptr, ic, head, H, rk, DK: tl.constexpr, DT: tl.constexpr):
+    """x * exp(log_scale + decay[ic, head, rk]) [C, DK] in DT: the product operand that carries a
+    state entering the sequence from outside (`load_state`'s add, decay from the sequence start
+    or end to chunk ic) as a product of its own, so the state tile itself is never formed in fp32."""
+    decay = tl.load(decay_ptr + (ic.to(tl.int64) * H + head) * DK + rk)
+    return (x * tl.exp(log_scale + decay)[None, :]).to(DT)
+
+
+@triton.jit
+def load_carried_state(add_ptr, n, head, H, rk, rv, DK: tl.constexpr, DV: tl.constexpr):
+    """Block [len(rk), len(rv)] of the state entering sequence n from outside (its stored dtype)."""
+    return tl.load(add_ptr + (n * H + head) * DK * DV + rk[:, None] * DV + rv[None, :])
 
 
 @triton.jit
@@ -64,18 +81,22 @@ def chunk_fwd_output_fast_kernel(
     if fast != 0:
         qrows = input_rows(start + rc, n, head, S_T, S_N, S_H)
         vrows = input_rows(start + rc, n, head, V_T, V_N, V_H)
-        b, b_end, b_ref, phi_k = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, rows, qrows, mask, rk, DK, C)
-        phi_q, q_max = load_query_features(q_ptr, qrows, mask, DK)
+        b, b_end, b_ref, k_t = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, start, eos, rows, qrows, mask, rk, DK, C)
+        q_t32, q_max = load_query_features(q_ptr, qrows, mask, DK, b - b_ref[None, :])
         tl.store(qmax_ptr + rows, q_max, mask=mask)
-        q_t = (phi_q * tl.exp(b - b_ref[None, :])).to(DT)
-        k_t = (phi_k * tl.exp(b_ref[None, :] - b)).to(DT)
+        q_t = q_t32.to(DT)
+        k_t = k_t.to(DT)
         A = tl.where(rc[:, None] >= rc[None, :], tl.dot(q_t, tl.trans(k_t)), 0.0).to(DT)
         decay_ref = tl.exp(b_ref)
+        if HAS_HADD:
+            q_carry = carried_factor(q_t32, b_ref, hdecay_ptr, ic, head, H, rk, DK, DT)
         for iv in range(DV // BV):
             rv = iv * BV + tl.arange(0, BV)
             v = tl.load(v_ptr + vrows[:, None] + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
-            h = load_state(h_ptr, ic, n, head, H, rk, rv, DK, DV, hadd_ptr, hdecay_ptr, HAS_HADD)
+            h = load_state(h_ptr, ic, n, head, H, rk, rv, DK, DV, hadd_ptr, hdecay_ptr, False)
             o = tl.dot(A, v) + tl.dot(q_t, (h * decay_ref[:, None]).to(DT))
+            if HAS_HADD:
+                o += tl.dot(q_carry, load_carried_state(hadd_ptr, n, head, H, rk, rv, DK, DV).to(DT))
             tl.store(o_ptr + rows[:, None] * DV + rv[None, :], (o * scale).to(o_ptr.dtype.element_ty), mask=mask[:, None])
 
 
@@ -97,11 +118,13 @@ def chunk_bwd_dv_fast_kernel(
     if fast != 0:
         qrows = input_rows(start + rc, n, head, S_T, S_N, S_H)
         vrows = input_rows(start + rc, n, head, V_T, V_N, V_H)
-        b, b_end, b_ref, phi_k = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, rows, qrows, mask, rk, DK, C)
-        k_t = (phi_k * tl.exp(b_ref[None, :] - b)).to(DT)
-        k_end = (phi_k * tl.exp(b_end[None, :] - b)).to(DT)
-        phi_q, _ = load_query_features(q_ptr, qrows, mask, DK)
-        q_t = (phi_q * tl.exp(b - b_ref[None, :])).to(DT)
+        b, b_end, b_ref, k_t = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, start, eos, rows, qrows, mask, rk, DK, C)
+        if HAS_DHADD:
+            k_carry = carried_factor(k_t, b_end - b_ref, dhdecay_ptr, ic, head, H, rk, DK, DT)
+        k_end = (k_t * tl.exp(b_end - b_ref)[None, :]).to(DT)  # phi_k exp(b_end - b)
+        k_t = k_t.to(DT)
+        q_t, _ = load_query_features(q_ptr, qrows, mask, DK, b - b_ref[None, :])
+        q_t = q_t.to(DT)
         # A^T directly: K~ Q~^T, kept where s <= t (row s, column t)
         At = (tl.where(rc[:, None] <= rc[None, :], tl.dot(k_t, tl.trans(q_t)), 0.0) * scale).to(DT)
         dA = tl.zeros([C, C], dtype=tl.float32)
@@ -109,8 +132,10 @@ def chunk_bwd_dv_fast_kernel(
             rv = iv * BV + tl.arange(0, BV)
             do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
             v = tl.load(v_ptr + vrows[:, None] + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
-            dh = load_state(dh_ptr, ic, n, head, H, rk, rv, DK, DV, dhadd_ptr, dhdecay_ptr, HAS_DHADD).to(DT)
+            dh = load_state(dh_ptr, ic, n, head, H, rk, rv, DK, DV, dhadd_ptr, dhdecay_ptr, False).to(DT)
             dv = tl.dot(At, do) + tl.dot(k_end, dh)
+            if HAS_DHADD:
+                dv += tl.dot(k_carry, load_carried_state(dhadd_ptr, n, head, H, rk, rv, DK, DV).to(DT))
             tl.store(dv_ptr + rows[:, None] * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask[:, None])
             dA += tl.dot(do, tl.trans(v))
         dA = tl.where(rc[:, None] >= rc[None, :], dA * scale, 0.0)
@@ -137,7 +162,7 @@ def chunk_bwd_dqk_fast_kernel(
     if fast != 0:
         qrows = input_rows(start + rc, n, head, S_T, S_N, S_H)
         vrows = input_rows(start + rc, n, head, V_T, V_N, V_H)
-        b, b_end, b_ref, phi_k = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, rows, qrows, mask, rk, DK, C)
+        b, b_end, b_ref, k_t32 = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, start, eos, rows, qrows, mask, rk, DK, C)
         decay_ref = tl.exp(b_ref)
         dq_state = tl.zeros([C, BK], dtype=tl.float32)
         dk_state = tl.zeros([C, BK], dtype=tl.float32)
@@ -153,12 +178,12 @@ def chunk_bwd_dqk_fast_kernel(
             g_h += tl.sum(h * dh, axis=1)
         dA = tl.load(da_ptr + (ic.to(tl.int64) * H + head) * C * C + rc[:, None] * C + rc[None, :])
 
-        k_t = (phi_k * tl.exp(b_ref[None, :] - b)).to(DT)
-        q_t = (load_query_features_cols(q_ptr, qmax_ptr, qrows, rows, mask, rk) * tl.exp(b - b_ref[None, :])).to(DT)
+        k_t = k_t32.to(DT)
+        q_t = load_query_features_cols(q_ptr, qmax_ptr, qrows, rows, mask, rk, b - b_ref[None, :]).to(DT)
         dq = q_t.to(tl.float32) * (dq_state * scale + tl.dot(dA, k_t))
         tl.store(dq_ptr + rows[:, None] * DK + cols, dq.to(dq_ptr.dtype.element_ty), mask=mask[:, None])
         dk_scores = k_t.to(tl.float32) * tl.dot(tl.trans(dA), q_t)
-        dk_end = phi_k * tl.exp(b_end[None, :] - b) * dk_state
+        dk_end = k_t32 * tl.exp(b_end - b_ref)[None, :] * dk_state  # phi_k exp(b_end - b) dk_state
         tl.store(dk_ptr + rows[:, None] * DK + cols, (dk_scores + dk_end).to(dk_ptr.dtype.element_ty), mask=mask[:, None])
 
         zrows = input_rows(start + rc, n, head, Z_T, Z_N, Z_H)

@@ -7,8 +7,9 @@ state from a zero start and Lambda_i its total log decay. Here, for the local se
 
 forward : gates and states from a zero start (S_loc, Lambda and the chunk-start states h);
           the exchange turns (S_loc, Lambda) into S_in (the communication);
-          the output kernels with h + exp(decay from the segment start to the chunk) S_in,
-          added while they load h (no extra pass, no re-run of the state pass).
+          the output kernels with h + exp(decay from the segment start to the chunk) S_in
+          (the fast kernel as a second product, q exp(b + decay) S_in; no extra pass, no
+          re-run of the state pass).
           With an asynchronous exchange the local segments go in slots (Megatron's zigzag
           layout: the rank's early and late segment), and each slot's communication runs
           while the next slot's gates and states, then the previous slot's output, compute.
@@ -17,7 +18,7 @@ backward: the state gradients from this segment's own outputs only (G_i = their 
           segment's end, by the reverse scan D(i) = G_i + Diag(exp(Lambda_i)) D(i + 1),
           while the chunk-start states are recomputed (that pass needs no D);
           the gradient kernels with h as above and dh + exp(decay from the chunk end to
-          the segment end) D(i + 1), added while they load dh.
+          the segment end) D(i + 1) (the fast dv kernel as a second product).
 Both corrections are exact: the states and state gradients are linear in S_in and D, so
 every gradient, gate logits included, is the one-sequence gradient.
 """
@@ -25,32 +26,60 @@ every gradient, gate logits included, is the one-sequence gradient.
 from typing import Callable, Optional, Tuple, Union
 
 import torch
+import triton
+import triton.language as tl
 
 from .gating import sequence_key_max
 from .segments import SegmentExchange
 from .triton_chunk import (
-    CHUNK_SIZE,
     _bwd_dstates,
     _bwd_main,
     _check,
-    _chunk_tables,
     _empty,
     _fwd_output,
     _fwd_states,
     _gates,
+    _regular_tables,
     _state_dtype,
 )
+
+
+@triton.jit
+def segment_decays_kernel(decay_ptr, before_ptr, after_ptr, total_ptr, CHUNKS, COLUMNS, BLOCK: tl.constexpr):
+    """One segment, BLOCK of its H * dk columns: walks the segment's CHUNKS chunks forward for the
+    log decay from the segment start to each chunk start (exclusive running sum) and the total,
+    then backward for the log decay from each chunk end to the segment end."""
+    segment = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < COLUMNS
+    base = segment * CHUNKS * COLUMNS + cols
+    running = tl.zeros([BLOCK], dtype=tl.float32)
+    for c in range(CHUNKS):
+        tl.store(before_ptr + base + c * COLUMNS, running, mask=inside)
+        running += tl.load(decay_ptr + base + c * COLUMNS, mask=inside, other=0.0)
+    tl.store(total_ptr + segment * COLUMNS + cols, running, mask=inside)
+    running = tl.zeros([BLOCK], dtype=tl.float32)
+    for step in range(CHUNKS):
+        c = CHUNKS - 1 - step
+        tl.store(after_ptr + base + c * COLUMNS, running, mask=inside)
+        running += tl.load(decay_ptr + base + c * COLUMNS, mask=inside, other=0.0)
 
 
 def segment_chunk_decays(chunk_decay: torch.Tensor, segments: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """From each chunk's own total log decay [chunks, H, dk] (equal-length segments, chunks in
     segment-major order): per chunk, the log decay from its segment's start to the chunk start
     and from the chunk end to the segment end (fp32 [chunks, H, dk] each), and each segment's
-    total Lambda (fp32 [segments, H, dk])."""
-    per_segment = chunk_decay.view(segments, -1, *chunk_decay.shape[1:])
-    before = per_segment.cumsum(dim=1) - per_segment
-    after = per_segment.flip(1).cumsum(dim=1).flip(1) - per_segment
-    return before.reshape(chunk_decay.shape), after.reshape(chunk_decay.shape), per_segment.sum(dim=1)
+    total Lambda (fp32 [segments, H, dk]). One launch (`segment_decays_kernel`), running sums in
+    fp32 (no difference of sums)."""
+    chunk_decay = chunk_decay.float().contiguous()
+    chunks, heads, dk = chunk_decay.shape
+    before, after = torch.empty_like(chunk_decay), torch.empty_like(chunk_decay)
+    total = torch.empty(segments, heads, dk, device=chunk_decay.device, dtype=torch.float32)
+    block = 256
+    segment_decays_kernel[(segments, triton.cdiv(heads * dk, block))](
+        chunk_decay, before, after, total, chunks // segments, heads * dk, BLOCK=block, num_warps=2,
+    )
+    return before, after, total
 
 
 class _Slot:
@@ -180,8 +209,7 @@ def chunk_regla_segments_triton(
     slots = getattr(exchange, "slots", 1) if hasattr(exchange, "start_incoming") else 1
     if segments % slots:
         raise ValueError(f"chunk_regla_segments: {segments} segments do not split into the exchange's {slots} slots")
-    cu = torch.arange(0, (segments + 1) * length, length, device=q.device, dtype=torch.int32)[: segments + 1]
-    offsets, table, total = _chunk_tables(cu, CHUNK_SIZE)
+    cu, offsets, table, total = _regular_tables(segments, length, q.device)
     if key_max is None:
         key_max = sequence_key_max(k)
     if torch.is_tensor(key_max):

@@ -59,11 +59,21 @@ def refined_log_gate_tl(z, u):
 
 @triton.jit
 def refined_log_gate_grad_tl(z, u):
-    """(d log F / dz, d log F / du), each factor formed so no exponent is positive."""
-    log_g, log_not_g, log_r, log_w = _gate_parts(z, u)
-    dz = tl.exp(log_not_g) * (1.0 + (1.0 - 2.0 * tl.exp(log_r)) * tl.exp(tl.minimum(log_g - log_w, 0.0)))
-    du = tl.exp(log_r - u) * tl.exp(tl.minimum(LOG_TWO + log_r + log_not_g - log_w, 0.0))
-    return dz, du
+    """(d log F / dz, d log F / du) (fp32) in 7 special-function calls, every term positive.
+
+    With ng = 1 - g, nr = 1 - r and x = 2 r (1 - g) / g = 2 exp(log r - z) (the refine term
+    of w = g + 2 r (1 - g) over g), ratio = g / w = 1 / (1 + x) and
+        d log F / dz = (1 - g) + g (1 - g) (1 - 2 r) / w = ng * ratio * (x + 2 nr),
+        d log F / du = 2 r (1 - r) (1 - g) / w            = nr * ratio * x.
+    The exponent of x is capped at 80 (ratio ~ e^-80 there, its true value smaller still)."""
+    e_z = tl.exp(-tl.abs(z))
+    e_u = tl.exp(-tl.abs(u))
+    not_g = tl.where(z >= 0, e_z, 1.0) / (1.0 + e_z)
+    not_r = tl.where(u >= 0, e_u, 1.0) / (1.0 + e_u)
+    log_r = tl.minimum(u, 0.0) - _log1p_unit(e_u)
+    x = tl.exp(tl.minimum(LOG_TWO + log_r - z, 80.0))
+    ratio = 1.0 / (1.0 + x)
+    return not_g * ratio * (x + 2.0 * not_r), not_r * ratio * x
 
 
 @triton.jit
@@ -74,28 +84,31 @@ def input_rows(tok, n, head, S_T, S_N, S_H):
 
 
 @triton.jit
-def load_query_features(q_ptr, qrows, mask, DK: tl.constexpr):
-    """(phi_q = exp(q - rowmax q) [C, DK] fp32, 0 on padding rows; rowmax q [C] fp32)."""
+def load_query_features(q_ptr, qrows, mask, DK: tl.constexpr, log_decay):
+    """(phi_q * exp(log_decay) = exp(q - rowmax q + log_decay) [C, DK] fp32, 0 on padding rows;
+    rowmax q [C] fp32). log_decay: a gate exponent broadcast to [C, DK] (0.0 for none), folded
+    into the one exponential."""
     cols = tl.arange(0, DK)
     q = tl.load(q_ptr + qrows[:, None] + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
     q_max = tl.max(q, axis=1)
-    return tl.where(mask[:, None], tl.exp(q - q_max[:, None]), 0.0), q_max
+    return tl.where(mask[:, None], tl.exp(q - q_max[:, None] + log_decay), 0.0), q_max
 
 
 @triton.jit
-def load_query_features_cols(q_ptr, qmax_ptr, qrows, rows, mask, cols):
-    """Columns `cols` of phi_q [C, len(cols)], the row max over all features read from qmax
-    (fp32 [T, H] at rows, stored by the forward output kernels)."""
+def load_query_features_cols(q_ptr, qmax_ptr, qrows, rows, mask, cols, log_decay):
+    """Columns `cols` of phi_q * exp(log_decay) [C, len(cols)], the row max over all features
+    read from qmax (fp32 [T, H] at rows, stored by the forward output kernels)."""
     q = tl.load(q_ptr + qrows[:, None] + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
     q_max = tl.load(qmax_ptr + rows, mask=mask, other=0.0)
-    return tl.where(mask[:, None], tl.exp(q - q_max[:, None]), 0.0)
+    return tl.where(mask[:, None], tl.exp(q - q_max[:, None] + log_decay), 0.0)
 
 
 @triton.jit
-def load_key_features(k_ptr, krows, mask, key_max, cols):
-    """phi_k = exp(k - M) [C, len(cols)] fp32, 0 on padding rows."""
+def load_key_features(k_ptr, krows, mask, key_max, cols, log_decay):
+    """phi_k * exp(log_decay) = exp(k - M + log_decay) [C, len(cols)] fp32, 0 on padding rows
+    (log_decay: a gate exponent broadcast to [C, len(cols)], 0.0 for none)."""
     k = tl.load(k_ptr + krows[:, None] + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
-    return tl.where(mask[:, None], tl.exp(k - key_max), 0.0)
+    return tl.where(mask[:, None], tl.exp(k - key_max + log_decay), 0.0)
 
 
 @triton.jit
@@ -112,6 +125,15 @@ def load_chunk_cumulative_gates(b_ptr, rows, mask, cols, DK: tl.constexpr):
     b never rises along the chunk (a sum of terms <= 0), so its last value is its min."""
     b = tl.load(b_ptr + rows[:, None] * DK + cols[None, :], mask=mask[:, None], other=0.0)
     return b, tl.min(b, axis=0)
+
+
+@triton.jit
+def load_gate_row(b_ptr, start, eos, row: tl.constexpr, head, H, cols, DK: tl.constexpr):
+    """b [len(cols)] at row `row` of the chunk that starts at token `start` (at its last row when
+    the sequence ends before): one row read, where a min over the chunk's rows would need a
+    reduction across warps."""
+    tok = start + tl.minimum(row, eos - start - 1)
+    return tl.load(b_ptr + (tok * H + head) * DK + cols)
 
 
 @triton.jit
@@ -209,9 +231,9 @@ def store_gate_grads(
         sum_{t' >= t} score_terms_{t'}      (phi_q dQ - phi_k dK of the intra-chunk scores),
       + sum_{s < t} dk_end_s                (keys before t, through the chunk-end state),
       + exp(b_end) g_h                      (the start state: g_h = rowsum(h * dh)),
-    the state terms as direct sums (no difference of large terms)."""
-    d_log_f = tl.sum(score_terms, axis=0)[None, :] - tl.cumsum(score_terms, axis=0) + score_terms
-    d_log_f += tl.cumsum(dk_end, axis=0) - dk_end + (tl.exp(b_end) * g_h)[None, :]
+    both running sums in one scan."""
+    step = score_terms - dk_end  # one scan for both sums
+    d_log_f = (tl.sum(score_terms, axis=0) + tl.exp(b_end) * g_h)[None, :] + step - tl.cumsum(step, axis=0)
     z = tl.load(z_ptr + zrows[:, None] + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
     u = tl.load(u_ptr + zrows[:, None] + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
     offsets = rows[:, None] * DK + cols[None, :]
@@ -230,8 +252,8 @@ def sub_chunk_scores(
     rk = tl.arange(0, DK)
     key_max = tl.load(kmax_ptr + n * H + head).to(tl.float32)
     bw, b, b_end = load_cumulative_gates(b_ptr, rows, mask, rk, C, S, DK)
-    phi_q, q_max = load_query_features(q_ptr, qrows, mask, DK)
-    phi_k = load_key_features(k_ptr, qrows, mask, key_max, rk)
+    phi_q, q_max = load_query_features(q_ptr, qrows, mask, DK, 0.0)
+    phi_k = load_key_features(k_ptr, qrows, mask, key_max, rk, 0.0)
     A = intra_chunk_scores(
         phi_q, phi_k, b, bw, k_ptr, b_ptr, start, eos, n, head, H, key_max, S_T, S_N, S_H, C, S, DK, DT, DIAG_LIMIT
     )
@@ -316,8 +338,9 @@ def chunk_fwd_states_kernel(
         mask = tok < eos
         rows = tok * H + head
         krows = input_rows(tok, n, head, S_T, S_N, S_H)
-        b, b_end = load_chunk_cumulative_gates(b_ptr, rows, mask, rk, DK)
-        k_end = load_key_features(k_ptr, krows, mask, key_max, rk) * tl.exp(b_end[None, :] - b)
+        b = tl.load(b_ptr + rows[:, None] * DK + rk[None, :], mask=mask[:, None], other=0.0)
+        b_end = load_gate_row(b_ptr, bos + c * C, eos, C - 1, head, H, rk, DK)
+        k_end = load_key_features(k_ptr, krows, mask, key_max, rk, b_end[None, :] - b)
         v = tl.load(v_ptr + input_rows(tok, n, head, V_T, V_N, V_H)[:, None] + rv[None, :], mask=mask[:, None], other=0.0)
         state = state * tl.exp(b_end)[:, None] + tl.dot(tl.trans(k_end.to(DT)), v.to(DT))
     if STORE_HT:
@@ -382,9 +405,10 @@ def chunk_bwd_dstates_kernel(
         tok = bos + c * C + rc
         mask = tok < eos
         rows = tok * H + head
-        b, b_end = load_chunk_cumulative_gates(b_ptr, rows, mask, rk, DK)
+        b = tl.load(b_ptr + rows[:, None] * DK + rk[None, :], mask=mask[:, None], other=0.0)
+        b_end = load_gate_row(b_ptr, bos + c * C, eos, C - 1, head, H, rk, DK)
         qrows = input_rows(tok, n, head, S_T, S_N, S_H)
-        q_start = load_query_features_cols(q_ptr, qmax_ptr, qrows, rows, mask, rk) * tl.exp(b) * scale
+        q_start = load_query_features_cols(q_ptr, qmax_ptr, qrows, rows, mask, rk, b) * scale
         do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0)
         dstate = dstate * tl.exp(b_end)[:, None] + tl.dot(tl.trans(q_start.to(DT)), do.to(DT))
     tl.store(dh0_ptr + nh.to(tl.int64) * DK * DV + tile, dstate)

@@ -195,6 +195,39 @@ def test_segments_with_carried_states_match_one_pass(segments, slots, fast_limit
         assert error < 2e-5, (name, error)
 
 
+def test_segment_chunk_decays_against_fp64_sums():
+    """The one-launch segment decays: per chunk the exclusive sum before it and after it inside
+    its segment, per segment the total (5 segments of 3 chunks, H * dk = 300 columns: a partial
+    column block)."""
+    from regla_kernels.triton_segments import segment_chunk_decays
+
+    decay = -torch.rand(15, 3, 100, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 7
+    before, after, total = segment_chunk_decays(decay.float(), 5)
+    per = decay.view(5, 3, 3, 100)
+    inclusive = per.cumsum(1)
+    expected = [(inclusive - per).reshape(15, 3, 100), (per.sum(1, keepdim=True) - inclusive).reshape(15, 3, 100), per.sum(1)]
+    for name, got, want in zip(("before", "after", "total"), (before, after, total), expected):
+        assert got.dtype == torch.float32 and got.shape == want.shape, name
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("fast_limit", [60.0, -1.0])
+def test_carried_states_reach_later_chunks(fast_limit, launch):
+    """Slow gates (log F about -0.003 per token) and segments of three chunks: the state
+    carried into a segment still weighs in its last chunk, so the decay from the segment's
+    start (forward) and to its end (backward) that the kernels apply to it is checked (with
+    fast gates it is e^-30 there and any decay would pass)."""
+    d = launch.MIN_HEAD_DIM
+    launch.LAUNCH.update(fast_limit=fast_limit)
+    inputs = _inputs(2, 2 * 192, 2, 2 * d, d, seed=11, logit_scale=0.5)
+    inputs[3] = inputs[3] + 5.0
+    got = _run_with(_by_segments(2), inputs)
+    ref = _run("naive", [x.double() for x in inputs], with_state=False)
+    for name, a, b in zip(NAMES, got, ref):
+        if name != "final_state":
+            assert ((a.double() - b).norm() / b.norm()).item() < 2e-5, name
+
+
 @pytest.mark.parametrize("length, segments", [(256, 4), (384, 2)])
 def test_long_sequences_as_segments_on_one_device(length, segments, launch):
     """LAUNCH["segment_min_programs"]: without a final state asked for, every sequence is cut
