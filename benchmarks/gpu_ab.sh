@@ -6,7 +6,8 @@
 #   2. ReGLA and SDPA at LENGTHS, the per-kernel profile at PROFILE lengths;
 #   3. ReGLA at T = CAND_LENGTHS (default 8K) for every CANDIDATES entry
 #      ("key=value key2=value2;key=value;...");
-#   4. the baseline's ReGLA (defaults) at LENGTHS when .baseline/regla_kernels exists.
+#   4. the baseline's ReGLA (defaults) at LENGTHS when .baseline/regla_kernels exists;
+#   5. with MIXER=1 (megatron-core from .whl), benchmarks/bench_mixer.py.
 # Prepare the baseline here first (ignored folder):
 #   rm -rf .baseline && mkdir -p .baseline/regla_kernels && git archive <commit> kernels | tar -x -C .baseline \
 #     && cp -r .baseline/kernels/. .baseline/regla_kernels/ && rm -rf .baseline/kernels
@@ -27,7 +28,12 @@ if [ -d .baseline/regla_kernels ]; then
   PYTHONPATH=$PWD/.baseline:$PYTHONPATH timeout 90 python3 benchmarks/bench_kernels.py --out "$OUT/base" --lengths "$LENGTHS" --methods regla \
     2>&1 | grep -v -i warn > "$OUT/base.log"
 fi
+if [ "${MIXER:-0}" = 1 ] && ls .whl/megatron_core*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site_mc .whl/megatron_core*.whl \
+    && PYTHONPATH=$PYTHONPATH:/tmp/site_mc timeout 150 python3 benchmarks/bench_mixer.py 2>&1 | grep -v -i warn > "$OUT/bench_mixer.log"
+fi
 echo "== check"; grep -E "FAIL|passed" "$OUT/check.log" 2>/dev/null | cut -c1-300
 echo "== new"; grep -E "^(regla|sdpa) T=|profile|Error" "$OUT/new.log" | cut -c1-160
 cat "$OUT/candidates.log" 2>/dev/null | cut -c1-200
 echo "== baseline"; grep -E "^regla T=|Error" "$OUT/base.log" 2>/dev/null | cut -c1-200
+grep -E "mixer" "$OUT/bench_mixer.log" 2>/dev/null | cut -c1-300

@@ -230,13 +230,14 @@ def _one_layout(*xs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     return tuple(x.contiguous() for x in xs)
 
 
-def _gates(z, u, k, cu, table, total, key_max=None, out=None, need_key_max=True):
+def _gates(z, u, k, cu, table, total, key_max=None, out=None, need_key_max=True, order=None):
     """b (cumulative log gate from each chunk start, fp32 [T, H, dk]), each chunk's total log
     decay (fp32 [chunks, H, dk]), the fast-path flags (int8 [chunks, H]) and the key max
     (fp32 [N, H]: `key_max` when given, else computed here from k, unless need_key_max is
     False: then None). `out`: the first three preallocated (contiguous views of larger buffers).
     z and u share one `_layout`, k has q's."""
     tokens, heads, dk = _dims(z)
+    order = (heads, 0) if order is None else order
     if out is None:
         out = (
             _empty(tokens, heads, dk, device=z.device, dtype=torch.float32),
@@ -249,16 +250,17 @@ def _gates(z, u, k, cu, table, total, key_max=None, out=None, need_key_max=True)
         key_max = torch.full((cu.numel() - 1, heads), float("-inf"), device=z.device, dtype=torch.float32)
     chunk_gates_kernel[(total, heads)](
         z, u, k, b, chunk_decay, flags, key_max if key_max is not None else b, table, cu,
-        heads, *_layout(k), *_layout(z), DK=dk, C=CHUNK_SIZE, LIMIT=_fast_limit(), KEY_MAX=compute_max,
+        heads, *order, *_layout(k), *_layout(z), DK=dk, C=CHUNK_SIZE, LIMIT=_fast_limit(), KEY_MAX=compute_max,
         STAGES=LAUNCH["gates_stages"], num_warps=LAUNCH["gates_warps"], **_register_cap("gates"),
     )
     return b, chunk_decay, flags, key_max
 
 
-def _fwd_states(k, v, b, key_max, h0, cu, offsets, total, store_final, out=None):
+def _fwd_states(k, v, b, key_max, h0, cu, offsets, total, store_final, out=None, order=None):
     """States at every chunk start (h); with store_final also the final states (fp32 [N, H, dk, dv]).
     `out`: (h, final states) preallocated."""
     tokens, heads, dk = _dims(k)
+    order = (heads, 0) if order is None else order
     dv = v.shape[-1]
     n = cu.numel() - 1
     if out is None:
@@ -269,7 +271,7 @@ def _fwd_states(k, v, b, key_max, h0, cu, offsets, total, store_final, out=None)
     bk, bv = _state_blocks(dk, dv, n * heads)
     chunk_fwd_states_kernel[((dk // bk) * (dv // bv), n * heads)](
         k, v, b, key_max, h0 if h0 is not None else h, h, ht, cu, offsets,
-        heads, *_layout(k), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=bv, HAS_H0=h0 is not None, STORE_HT=store_final,
+        heads, *order, *_layout(k), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=bv, HAS_H0=h0 is not None, STORE_HT=store_final,
         DT=_dot_dtype(k.dtype), num_warps=LAUNCH["states_warps"], num_stages=LAUNCH["states_stages"],
         **_register_cap("states"),
     )
@@ -287,10 +289,11 @@ def _carried(carry, like, dtype=torch.float32):
     return state.to(dtype).contiguous(), decay.float().contiguous(), True
 
 
-def _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, h_carry=None, out=None):
+def _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, h_carry=None, out=None, order=None):
     """o [T, H, dv] in q's dtype from the chunk-start states h (plus `h_carry`, see `_carried`),
     and each token's query max (fp32 [T, H], for the backward). `out`: both preallocated."""
     tokens, heads, dk = _dims(q)
+    order = (heads, 0) if order is None else order
     dv = v.shape[-1]
     if out is None:
         out = (_empty(tokens, heads, dv, device=q.device, dtype=q.dtype), _empty(tokens, heads, device=q.device, dtype=torch.float32))
@@ -300,38 +303,40 @@ def _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, h_carry=
         fast_add = _carried(h_carry, b, _state_dtype(q.dtype))[0]
         chunk_fwd_output_fast_kernel[(total, heads)](
             q, k, v, b, flags, key_max, h, fast_add, h_decay, o, q_max, table, cu, scale,
-            heads, *_layout(q), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, BV=min(dv, LAUNCH["fast_output_block_v"]), DT=_dot_dtype(q.dtype),
+            heads, *order, *_layout(q), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, BV=min(dv, LAUNCH["fast_output_block_v"]), DT=_dot_dtype(q.dtype),
             HAS_HADD=has_h_add, num_warps=LAUNCH["fast_output_warps"], num_stages=1, **_register_cap("fast_output"),
         )
     bv = _block_v(dv)
     chunk_fwd_output_kernel[(dv // bv, total, heads)](
         q, k, v, b, flags, key_max, h, h_add, h_decay, o, q_max, table, cu, scale,
-        heads, *_layout(q), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BV=bv, DT=tl.float32,
+        heads, *order, *_layout(q), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BV=bv, DT=tl.float32,
         DIAG_LIMIT=LAUNCH["diag_limit"], HAS_HADD=has_h_add, num_warps=LAUNCH["output_warps"], num_stages=1,
     )
     return o, q_max
 
 
-def _bwd_dstates(q, q_max, b, do, dht, cu, offsets, scale, total, dv):
+def _bwd_dstates(q, q_max, b, do, dht, cu, offsets, scale, total, dv, order=None):
     """dh (gradient at every chunk end, h's dtype) and dh0 (at each sequence start, fp32 [N, H, dk, dv]).
     do: contiguous [T, H, dv]."""
     tokens, heads, dk = _dims(q)
+    order = (heads, 0) if order is None else order
     n = cu.numel() - 1
     dh = _empty(total, heads, dk, dv, device=q.device, dtype=_state_dtype(q.dtype))
     dh0 = _empty(n, heads, dk, dv, device=q.device, dtype=torch.float32)
     bk, bv = _state_blocks(dk, dv, n * heads)
     chunk_bwd_dstates_kernel[((dk // bk) * (dv // bv), n * heads)](
         q, q_max, b, do, dht if dht is not None else dh0, dh, dh0, cu, offsets, scale,
-        heads, *_layout(q), DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=bv, HAS_DHT=dht is not None, DT=_dot_dtype(q.dtype),
+        heads, *order, *_layout(q), DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=bv, HAS_DHT=dht is not None, DT=_dot_dtype(q.dtype),
         num_warps=LAUNCH["states_warps"], num_stages=LAUNCH["states_stages"], **_register_cap("states"),
     )
     return dh, dh0
 
 
-def _bwd_main(q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total, h_carry=None, dh_carry=None):
+def _bwd_main(q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total, h_carry=None, dh_carry=None, order=None):
     """dq, dk, dv, dz, du (each contiguous [T, H, D] in its input's dtype) from h and dh (plus
     `h_carry`, `dh_carry`, see `_carried`). do: contiguous [T, H, dv]."""
     tokens, heads, dk = _dims(q)
+    order = (heads, 0) if order is None else order
     dv = v.shape[-1]
     dt = _dot_dtype(q.dtype)
     h_add, h_decay, has_h_add = _carried(h_carry, b)
@@ -341,50 +346,73 @@ def _bwd_main(q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, sca
         score_grad = torch.empty(total, heads, CHUNK_SIZE, CHUNK_SIZE, device=q.device, dtype=_state_dtype(q.dtype))
         chunk_bwd_dv_fast_kernel[(total, heads)](
             q, k, v, b, flags, key_max, dh, _carried(dh_carry, b, _state_dtype(q.dtype))[0], dh_decay, do, dv_, score_grad, table, cu, scale,
-            heads, *_layout(q), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, BV=min(dv, LAUNCH["fast_dv_block_v"]), DT=dt, HAS_DHADD=has_dh_add,
+            heads, *order, *_layout(q), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, BV=min(dv, LAUNCH["fast_dv_block_v"]), DT=dt, HAS_DHADD=has_dh_add,
             num_warps=LAUNCH["fast_dv_warps"], num_stages=LAUNCH["fast_dv_stages"], **_register_cap("fast_dv"),
         )
         bk = min(dk, LAUNCH["fast_dqk_block_k"])
         chunk_bwd_dqk_fast_kernel[(dk // bk, total, heads)](
             q, k, v, z, u, b, flags, key_max, q_max, score_grad, h, h_add, h_decay, dh, dh_add, dh_decay, do,
             dq, dk_, dz, du, table, cu, scale,
-            heads, *_layout(q), *_layout(v), *_layout(z), DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=min(dv, LAUNCH["fast_dqk_block_v"]), DT=dt,
+            heads, *order, *_layout(q), *_layout(v), *_layout(z), DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=min(dv, LAUNCH["fast_dqk_block_v"]), DT=dt,
             HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, num_warps=LAUNCH["fast_dqk_warps"], num_stages=LAUNCH["fast_dqk_stages"],
             **_register_cap("fast_dqk"),
         )
         del score_grad
     chunk_bwd_main_kernel[(total, heads)](
         q, k, v, z, u, b, flags, key_max, h, h_add, h_decay, dh, dh_add, dh_decay, do, dq, dk_, dv_, dz, du, table, cu, scale,
-        heads, *_layout(q), *_layout(v), *_layout(z), DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BV=_bwd_block_v(dv), DT=tl.float32,
+        heads, *order, *_layout(q), *_layout(v), *_layout(z), DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BV=_bwd_block_v(dv), DT=tl.float32,
         DIAG_LIMIT=LAUNCH["diag_limit"], HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, num_warps=LAUNCH["bwd_warps"], num_stages=1,
     )
     return dq, dk_, dv_, dz, du
 
 
+def _batch_minor(x: torch.Tensor) -> bool:
+    """Whether x [B, T, H, D] (B > 1) lies in memory as [T, B, ...]: Megatron's [s, b] activations
+    seen as [b, s]."""
+    return x.dim() == 4 and x.shape[0] > 1 and x.stride(0) < x.stride(1)
+
+
+def _row_order(batch: int, length: int, heads: int, minor: bool) -> Tuple[int, int]:
+    """(R_T, R_N) of `triton_stages.token_rows`: the order of the per-token tensors the kernels
+    allocate (b, the query max, o, the gradients) and of do. Batch-minor inputs get them in the
+    same [s, b] order, so o and the gradients go back to Megatron without a transposing copy."""
+    return (batch * heads, heads - length * batch * heads) if minor else (heads, 0)
+
+
+def _from_rows(flat: torch.Tensor, batch: int, length: int, minor: bool) -> torch.Tensor:
+    """[B * T, H, D] in `_row_order` -> [B, T, H, D] (a view)."""
+    if minor:
+        return flat.view(length, batch, *flat.shape[1:]).transpose(0, 1)
+    return flat.view(batch, length, *flat.shape[1:])
+
+
 class _ChunkReGLATriton(torch.autograd.Function):
+    """o and the gradients as [B * T, H, D] in the row order `order` (`_row_order`)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total):
-        b, _, flags, key_max = _gates(z, u, k, cu, table, total, key_max)
-        h, ht = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, True)
-        o, q_max = _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total)
+    def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, order):
+        b, _, flags, key_max = _gates(z, u, k, cu, table, total, key_max, order=order)
+        h, ht = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, True, order=order)
+        o, q_max = _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, order=order)
         del h
         ctx.save_for_backward(q, k, v, z, u, b, flags, key_max, q_max, h0, cu, offsets, table)
-        ctx.scale, ctx.total = scale, total
+        ctx.scale, ctx.total, ctx.order = scale, total, order
         ctx.h0_dtype = None if h0 is None else h0.dtype
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, z, u, b, flags, key_max, q_max, h0, cu, offsets, table = ctx.saved_tensors
-        scale, total = ctx.scale, ctx.total
-        do = do.reshape(-1, *do.shape[-2:]).contiguous()
+        scale, total, order = ctx.scale, ctx.total, ctx.order
+        do = do.contiguous()
         dht = None if dht is None else dht.float().contiguous()
-        h, _ = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, False)
-        dh, dh0 = _bwd_dstates(q, q_max, b, do, dht, cu, offsets, scale, total, v.shape[-1])
-        grads = _bwd_main(q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total)
-        grads = [g.reshape(x.shape) for g, x in zip(grads, (q, k, v, z, u))]
+        h, _ = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, False, order=order)
+        dh, dh0 = _bwd_dstates(q, q_max, b, do, dht, cu, offsets, scale, total, v.shape[-1], order=order)
+        grads = _bwd_main(q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total, order=order)
+        minor = order[1] != 0
+        grads = [_from_rows(g, x.shape[0], x.shape[1], minor) if x.dim() == 4 else g for g, x in zip(grads, (q, k, v, z, u))]
         dinit = None if h0 is None else dh0.to(ctx.h0_dtype)
-        return (*grads, None, None, dinit, None, None, None, None)
+        return (*grads, None, None, dinit, None, None, None, None, None)
 
 
 def fast_chunk_mask(gate_logits: torch.Tensor, refine_logits: torch.Tensor, limit: Optional[float] = None) -> torch.Tensor:
@@ -475,8 +503,12 @@ def chunk_regla_triton(
     if key_max is not None:  # else the gates kernel computes it
         key_max = key_max.detach().float().contiguous()
     h0 = None if initial_state is None else initial_state.contiguous()
-    o, state = _ChunkReGLATriton.apply(q, k, v, gate_logits, refine_logits, float(scale), key_max, h0, cu, offsets, table, total)
-    return o.reshape(batch, length, heads, dv), state
+    minor = cu_seqlens is None and _batch_minor(q)
+    order = _row_order(batch, length, heads, minor)
+    o, state = _ChunkReGLATriton.apply(
+        q, k, v, gate_logits, refine_logits, float(scale), key_max, h0, cu, offsets, table, total, order
+    )
+    return _from_rows(o, batch, length, minor), state
 
 
 chunk_regla_triton.supports_cu_seqlens = True

@@ -39,13 +39,13 @@ from .triton_stages import (
 
 
 @triton.jit
-def key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, start, eos, rows, krows, mask, rk, DK: tl.constexpr, C: tl.constexpr):
+def key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, R_T, R_N, start, eos, rows, krows, mask, rk, DK: tl.constexpr, C: tl.constexpr):
     """Of a fast chunk, key features rk: b [C, len(rk)], b_end, b_r (b at the reference row
     r = C/2 - 1, or b_end when the chunk is shorter) and the fp32 key factor
     K~ = phi_k * exp(b_r - b) [C, len(rk)] (one exponential per element)."""
     b = tl.load(b_ptr + rows[:, None] * DK + rk[None, :], mask=mask[:, None], other=0.0)
-    b_end = load_gate_row(b_ptr, start, eos, C - 1, head, H, rk, DK)
-    b_ref = load_gate_row(b_ptr, start, eos, C // 2 - 1, head, H, rk, DK)
+    b_end = load_gate_row(b_ptr, start, eos, C - 1, n, head, R_T, R_N, rk, DK)
+    b_ref = load_gate_row(b_ptr, start, eos, C // 2 - 1, n, head, R_T, R_N, rk, DK)
     key_max = tl.load(kmax_ptr + n * H + head).to(tl.float32)
     return b, b_end, b_ref, load_key_features(k_ptr, krows, mask, key_max, rk, b_ref[None, :] - b)
 
@@ -68,20 +68,20 @@ def load_carried_state(add_ptr, n, head, H, rk, rv, DK: tl.constexpr, DV: tl.con
 @triton.jit
 def chunk_fwd_output_fast_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, flag_ptr, kmax_ptr, h_ptr, hadd_ptr, hdecay_ptr, o_ptr, qmax_ptr, table_ptr, cu_ptr, scale,
-    H, S_T, S_N, S_H, V_T, V_N, V_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+    H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
     DT: tl.constexpr, HAS_HADD: tl.constexpr,
 ):
     """o = scale * (tril(Q~ K~^T) v + Q~ (exp(b_r) h)) for one safe chunk, one head, BV value
     columns at a time; rowmax q into qmax (fp32 [T, H]) for the backward."""
     ic = tl.program_id(0)
     head = tl.program_id(1)
-    n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, C)
+    n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, R_T, R_N, C)
     rc = tl.arange(0, C)
     rk = tl.arange(0, DK)
     if fast != 0:
         qrows = input_rows(start + rc, n, head, S_T, S_N, S_H)
         vrows = input_rows(start + rc, n, head, V_T, V_N, V_H)
-        b, b_end, b_ref, k_t = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, start, eos, rows, qrows, mask, rk, DK, C)
+        b, b_end, b_ref, k_t = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, R_T, R_N, start, eos, rows, qrows, mask, rk, DK, C)
         q_t32, q_max = load_query_features(q_ptr, qrows, mask, DK, b - b_ref[None, :])
         tl.store(qmax_ptr + rows, q_max, mask=mask)
         q_t = q_t32.to(DT)
@@ -104,7 +104,7 @@ def chunk_fwd_output_fast_kernel(
 def chunk_bwd_dv_fast_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, flag_ptr, kmax_ptr, dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dv_ptr, da_ptr,
     table_ptr, cu_ptr, scale,
-    H, S_T, S_N, S_H, V_T, V_N, V_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+    H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
     DT: tl.constexpr, HAS_DHADD: tl.constexpr,
 ):
     """dv = (scale tril(Q~ K~^T))^T do + k_end dh for one safe chunk and head (BV value columns
@@ -112,13 +112,13 @@ def chunk_bwd_dv_fast_kernel(
     `chunk_bwd_dqk_fast_kernel`)."""
     ic = tl.program_id(0)
     head = tl.program_id(1)
-    n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, C)
+    n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, R_T, R_N, C)
     rc = tl.arange(0, C)
     rk = tl.arange(0, DK)
     if fast != 0:
         qrows = input_rows(start + rc, n, head, S_T, S_N, S_H)
         vrows = input_rows(start + rc, n, head, V_T, V_N, V_H)
-        b, b_end, b_ref, k_t = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, start, eos, rows, qrows, mask, rk, DK, C)
+        b, b_end, b_ref, k_t = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, R_T, R_N, start, eos, rows, qrows, mask, rk, DK, C)
         if HAS_DHADD:
             k_carry = carried_factor(k_t, b_end - b_ref, dhdecay_ptr, ic, head, H, rk, DK, DT)
         k_end = (k_t * tl.exp(b_end - b_ref)[None, :]).to(DT)  # phi_k exp(b_end - b)
@@ -146,7 +146,7 @@ def chunk_bwd_dv_fast_kernel(
 def chunk_bwd_dqk_fast_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, u_ptr, b_ptr, flag_ptr, kmax_ptr, qmax_ptr, da_ptr, h_ptr, hadd_ptr, hdecay_ptr,
     dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dq_ptr, dk_ptr, dz_ptr, du_ptr, table_ptr, cu_ptr, scale,
-    H, S_T, S_N, S_H, V_T, V_N, V_H, Z_T, Z_N, Z_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+    H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, Z_T, Z_N, Z_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, HAS_HADD: tl.constexpr, HAS_DHADD: tl.constexpr,
 ):
     """dq, dk and both gate-logit gradients of one safe chunk, one head, BK key features
@@ -155,14 +155,14 @@ def chunk_bwd_dqk_fast_kernel(
     ik = tl.program_id(0)
     ic = tl.program_id(1)
     head = tl.program_id(2)
-    n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, C)
+    n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, R_T, R_N, C)
     rc = tl.arange(0, C)
     rk = ik * BK + tl.arange(0, BK)
     cols = rk[None, :]
     if fast != 0:
         qrows = input_rows(start + rc, n, head, S_T, S_N, S_H)
         vrows = input_rows(start + rc, n, head, V_T, V_N, V_H)
-        b, b_end, b_ref, k_t32 = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, start, eos, rows, qrows, mask, rk, DK, C)
+        b, b_end, b_ref, k_t32 = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, R_T, R_N, start, eos, rows, qrows, mask, rk, DK, C)
         decay_ref = tl.exp(b_ref)
         dq_state = tl.zeros([C, BK], dtype=tl.float32)
         dk_state = tl.zeros([C, BK], dtype=tl.float32)

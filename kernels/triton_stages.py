@@ -6,7 +6,7 @@ cut into chunks of C tokens, each chunk into C // S sub-chunks of S tokens. The 
 (strides S_T, S_N, S_H), v (V_T, V_N, V_H) and z, u (Z_T, Z_N, Z_H) may be strided views
 (Megatron's [s, b] activations, `input_rows`); everything the kernels allocate (b, o, the
 gradients, the query max) is a contiguous [T_total, H, D] tensor addressed by
-rows = token * H + head. Inside a chunk, b is the cumulative log gate from the
+rows = `token_rows` (token * H + head, or Megatron's [s, b] order). Inside a chunk, b is the cumulative log gate from the
 chunk start (stored, fp32, by `chunk_gates_kernel`: the only stage that evaluates the gate
 from its logits, besides the chain rule at the end of the backward) and bw = b minus b at
 the end of the previous sub-chunk. Every gate factor is exp of a difference that is <= 0:
@@ -84,6 +84,15 @@ def input_rows(tok, n, head, S_T, S_N, S_H):
 
 
 @triton.jit
+def token_rows(tok, n, head, R_T, R_N):
+    """Row index (element offset / feature count) of tokens tok of sequence n, one head, in the
+    per-token tensors the kernels allocate (b, the query max, o, the gradients; do is read so):
+    tok * R_T + n * R_N + head. (R_T, R_N) = (H, 0) keeps the sequences one after another,
+    (B H, H - T B H) Megatron's [s, b] order (`triton_chunk._row_order`)."""
+    return tok * R_T + n.to(tl.int64) * R_N + head
+
+
+@triton.jit
 def load_query_features(q_ptr, qrows, mask, DK: tl.constexpr, log_decay):
     """(phi_q * exp(log_decay) = exp(q - rowmax q + log_decay) [C, DK] fp32, 0 on padding rows;
     rowmax q [C] fp32). log_decay: a gate exponent broadcast to [C, DK] (0.0 for none), folded
@@ -128,12 +137,12 @@ def load_chunk_cumulative_gates(b_ptr, rows, mask, cols, DK: tl.constexpr):
 
 
 @triton.jit
-def load_gate_row(b_ptr, start, eos, row: tl.constexpr, head, H, cols, DK: tl.constexpr):
+def load_gate_row(b_ptr, start, eos, row: tl.constexpr, n, head, R_T, R_N, cols, DK: tl.constexpr):
     """b [len(cols)] at row `row` of the chunk that starts at token `start` (at its last row when
     the sequence ends before): one row read, where a min over the chunk's rows would need a
     reduction across warps."""
     tok = start + tl.minimum(row, eos - start - 1)
-    return tl.load(b_ptr + (tok * H + head) * DK + cols)
+    return tl.load(b_ptr + token_rows(tok, n, head, R_T, R_N) * DK + cols)
 
 
 @triton.jit
@@ -160,7 +169,7 @@ def chunk_fast_flag(b_ref, b_end, LIMIT: tl.constexpr):
 
 @triton.jit
 def intra_chunk_scores(
-    phi_q, phi_k, b, bw, k_ptr, b_ptr, start, eos, n, head, H, key_max, S_T, S_N, S_H,
+    phi_q, phi_k, b, bw, k_ptr, b_ptr, start, eos, n, head, R_T, R_N, key_max, S_T, S_N, S_H,
     C: tl.constexpr, S: tl.constexpr, DK: tl.constexpr, DT: tl.constexpr, DIAG_LIMIT: tl.constexpr,
 ):
     """A[t, s] = sum_i phi_q[t,i] phi_k[s,i] exp(b[t,i] - b[s,i]) for s <= t in the chunk (unscaled).
@@ -192,7 +201,7 @@ def intra_chunk_scores(
             smask = (src < eos) & (within >= j)
             krow = input_rows(src, n, head, S_T, S_N, S_H)
             kj = tl.load(k_ptr + krow[:, None] + cols[None, :], mask=smask[:, None], other=0.0).to(tl.float32)
-            bj = tl.load(b_ptr + (src * H + head)[:, None] * DK + cols[None, :], mask=smask[:, None], other=0.0)
+            bj = tl.load(b_ptr + token_rows(src, n, head, R_T, R_N)[:, None] * DK + cols[None, :], mask=smask[:, None], other=0.0)
             w = tl.where(smask[:, None], tl.exp(kj - key_max + tl.minimum(b - bj, 0.0)), 0.0)
             val = tl.sum(phi_q * w, axis=1)
             A += tl.where(rc[None, :] == col[:, None], val[:, None], 0.0)
@@ -244,7 +253,7 @@ def store_gate_grads(
 
 @triton.jit
 def sub_chunk_scores(
-    q_ptr, k_ptr, b_ptr, kmax_ptr, n, head, H, rows, qrows, mask, start, eos, S_T, S_N, S_H,
+    q_ptr, k_ptr, b_ptr, kmax_ptr, n, head, H, R_T, R_N, rows, qrows, mask, start, eos, S_T, S_N, S_H,
     C: tl.constexpr, S: tl.constexpr, DK: tl.constexpr, DT: tl.constexpr, DIAG_LIMIT: tl.constexpr,
 ):
     """Of a chunk for the sub-chunk kernels: phi_q, phi_k, bw, b [C, DK], b_end [DK], the key max,
@@ -255,7 +264,7 @@ def sub_chunk_scores(
     phi_q, q_max = load_query_features(q_ptr, qrows, mask, DK, 0.0)
     phi_k = load_key_features(k_ptr, qrows, mask, key_max, rk, 0.0)
     A = intra_chunk_scores(
-        phi_q, phi_k, b, bw, k_ptr, b_ptr, start, eos, n, head, H, key_max, S_T, S_N, S_H, C, S, DK, DT, DIAG_LIMIT
+        phi_q, phi_k, b, bw, k_ptr, b_ptr, start, eos, n, head, R_T, R_N, key_max, S_T, S_N, S_H, C, S, DK, DT, DIAG_LIMIT
     )
     return phi_q, phi_k, bw, b, b_end, key_max, A, q_max
 
@@ -263,7 +272,7 @@ def sub_chunk_scores(
 @triton.jit
 def chunk_gates_kernel(
     z_ptr, u_ptr, k_ptr, b_ptr, bend_ptr, flag_ptr, kmax_ptr, table_ptr, cu_ptr,
-    H, S_T, S_N, S_H, Z_T, Z_N, Z_H, DK: tl.constexpr, C: tl.constexpr, LIMIT: tl.constexpr,
+    H, R_T, R_N, S_T, S_N, S_H, Z_T, Z_N, Z_H, DK: tl.constexpr, C: tl.constexpr, LIMIT: tl.constexpr,
     KEY_MAX: tl.constexpr, STAGES: tl.constexpr,
 ):
     """One chunk, one head, token by token: b = cumulative log F from the chunk start (fp32,
@@ -288,7 +297,7 @@ def chunk_gates_kernel(
         z = tl.load(z_ptr + zcols).to(tl.float32)
         u = tl.load(u_ptr + zcols).to(tl.float32)
         b += refined_log_gate_tl(z, u)
-        tl.store(b_ptr + (tok * H + head) * DK + rk, b)
+        tl.store(b_ptr + token_rows(tok, n, head, R_T, R_N) * DK + rk, b)
         b_ref = tl.where(t < C // 2, b, b_ref)  # b at row C/2 - 1, or at the last row of a shorter chunk
         if KEY_MAX:
             k_max = tl.maximum(k_max, tl.load(k_ptr + input_rows(tok, n, head, S_T, S_N, S_H) + rk).to(tl.float32))
@@ -299,19 +308,19 @@ def chunk_gates_kernel(
 
 
 @triton.jit
-def chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, C: tl.constexpr):
-    """(sequence, first token, end of sequence, row mask [C], rows [C] = token * H + head, flag)
+def chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, R_T, R_N, C: tl.constexpr):
+    """(sequence, first token, end of sequence, row mask [C], rows [C] (`token_rows`), flag)
     of global chunk ic for one head; flag 1 = the whole-chunk product kernels take it."""
     n, c, start, eos = chunk_location(table_ptr, cu_ptr, ic, C)
     tok = start + tl.arange(0, C)
     flag = tl.load(flag_ptr + ic.to(tl.int64) * H + head)
-    return n, start, eos, tok < eos, tok * H + head, flag
+    return n, start, eos, tok < eos, token_rows(tok, n, head, R_T, R_N), flag
 
 
 @triton.jit
 def chunk_fwd_states_kernel(
     k_ptr, v_ptr, b_ptr, kmax_ptr, h0_ptr, h_ptr, ht_ptr, cu_ptr, choff_ptr,
-    H, S_T, S_N, S_H, V_T, V_N, V_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, DT: tl.constexpr,
 ):
     """Sequential over chunks, one (BK x BV) block of the state: h[chunk] = state at the chunk
@@ -336,10 +345,10 @@ def chunk_fwd_states_kernel(
         tl.store(h_ptr + ((first + c) * H + head) * DK * DV + tile, state.to(h_ptr.dtype.element_ty))
         tok = bos + c * C + rc
         mask = tok < eos
-        rows = tok * H + head
+        rows = token_rows(tok, n, head, R_T, R_N)
         krows = input_rows(tok, n, head, S_T, S_N, S_H)
         b = tl.load(b_ptr + rows[:, None] * DK + rk[None, :], mask=mask[:, None], other=0.0)
-        b_end = load_gate_row(b_ptr, bos + c * C, eos, C - 1, head, H, rk, DK)
+        b_end = load_gate_row(b_ptr, bos + c * C, eos, C - 1, n, head, R_T, R_N, rk, DK)
         k_end = load_key_features(k_ptr, krows, mask, key_max, rk, b_end[None, :] - b)
         v = tl.load(v_ptr + input_rows(tok, n, head, V_T, V_N, V_H)[:, None] + rv[None, :], mask=mask[:, None], other=0.0)
         state = state * tl.exp(b_end)[:, None] + tl.dot(tl.trans(k_end.to(DT)), v.to(DT))
@@ -350,7 +359,7 @@ def chunk_fwd_states_kernel(
 @triton.jit
 def chunk_fwd_output_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, flag_ptr, kmax_ptr, h_ptr, hadd_ptr, hdecay_ptr, o_ptr, qmax_ptr, table_ptr, cu_ptr, scale,
-    H, S_T, S_N, S_H, V_T, V_N, V_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
+    H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
     BV: tl.constexpr, DT: tl.constexpr, DIAG_LIMIT: tl.constexpr, HAS_HADD: tl.constexpr,
 ):
     """o = scale * (A v + (phi_q * exp(b)) h_start) for one chunk (flag 0), one head, BV value
@@ -358,13 +367,13 @@ def chunk_fwd_output_kernel(
     iv = tl.program_id(0)
     ic = tl.program_id(1)
     head = tl.program_id(2)
-    n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, C)
+    n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, R_T, R_N, C)
     rk = tl.arange(0, DK)
     rv = iv * BV + tl.arange(0, BV)
     if fast == 0:
         qrows = input_rows(start + tl.arange(0, C), n, head, S_T, S_N, S_H)
         phi_q, phi_k, bw, b, b_end, key_max, A, q_max = sub_chunk_scores(
-            q_ptr, k_ptr, b_ptr, kmax_ptr, n, head, H, rows, qrows, mask, start, eos, S_T, S_N, S_H, C, S, DK, DT, DIAG_LIMIT
+            q_ptr, k_ptr, b_ptr, kmax_ptr, n, head, H, R_T, R_N, rows, qrows, mask, start, eos, S_T, S_N, S_H, C, S, DK, DT, DIAG_LIMIT
         )
         if iv == 0:
             tl.store(qmax_ptr + rows, q_max, mask=mask)
@@ -378,7 +387,7 @@ def chunk_fwd_output_kernel(
 @triton.jit
 def chunk_bwd_dstates_kernel(
     q_ptr, qmax_ptr, b_ptr, do_ptr, dht_ptr, dh_ptr, dh0_ptr, cu_ptr, choff_ptr, scale,
-    H, S_T, S_N, S_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    H, R_T, R_N, S_T, S_N, S_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_DHT: tl.constexpr, DT: tl.constexpr,
 ):
     """Reverse over chunks, one (BK x BV) block: dh[chunk] = dL/d(state at the chunk end);
@@ -404,9 +413,9 @@ def chunk_bwd_dstates_kernel(
         tl.store(dh_ptr + ((first + c) * H + head) * DK * DV + tile, dstate.to(dh_ptr.dtype.element_ty))
         tok = bos + c * C + rc
         mask = tok < eos
-        rows = tok * H + head
+        rows = token_rows(tok, n, head, R_T, R_N)
         b = tl.load(b_ptr + rows[:, None] * DK + rk[None, :], mask=mask[:, None], other=0.0)
-        b_end = load_gate_row(b_ptr, bos + c * C, eos, C - 1, head, H, rk, DK)
+        b_end = load_gate_row(b_ptr, bos + c * C, eos, C - 1, n, head, R_T, R_N, rk, DK)
         qrows = input_rows(tok, n, head, S_T, S_N, S_H)
         q_start = load_query_features_cols(q_ptr, qmax_ptr, qrows, rows, mask, rk, b) * scale
         do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0)
@@ -418,7 +427,7 @@ def chunk_bwd_dstates_kernel(
 def chunk_bwd_main_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, u_ptr, b_ptr, flag_ptr, kmax_ptr, h_ptr, hadd_ptr, hdecay_ptr,
     dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, dz_ptr, du_ptr, table_ptr, cu_ptr, scale,
-    H, S_T, S_N, S_H, V_T, V_N, V_H, Z_T, Z_N, Z_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+    H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, Z_T, Z_N, Z_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
     S: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, DIAG_LIMIT: tl.constexpr, HAS_HADD: tl.constexpr,
     HAS_DHADD: tl.constexpr,
 ):
@@ -429,7 +438,7 @@ def chunk_bwd_main_kernel(
     NS: tl.constexpr = C // S
     ic = tl.program_id(0)
     head = tl.program_id(1)
-    n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, C)
+    n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, R_T, R_N, C)
     rc = tl.arange(0, C)
     rk = tl.arange(0, DK)
     cols = rk[None, :]
@@ -439,7 +448,7 @@ def chunk_bwd_main_kernel(
         qrows = input_rows(start + rc, n, head, S_T, S_N, S_H)
         vrows = input_rows(start + rc, n, head, V_T, V_N, V_H)
         phi_q, phi_k, bw, b, b_end, key_max, A, _ = sub_chunk_scores(
-            q_ptr, k_ptr, b_ptr, kmax_ptr, n, head, H, rows, qrows, mask, start, eos, S_T, S_N, S_H, C, S, DK, DT, DIAG_LIMIT
+            q_ptr, k_ptr, b_ptr, kmax_ptr, n, head, H, R_T, R_N, rows, qrows, mask, start, eos, S_T, S_N, S_H, C, S, DK, DT, DIAG_LIMIT
         )
         At = tl.trans((A * scale).to(DT))
 
@@ -479,7 +488,7 @@ def chunk_bwd_main_kernel(
                 smask = (src < eos) & (within >= jd)
                 krow = input_rows(src, n, head, S_T, S_N, S_H)
                 kj = tl.load(k_ptr + krow[:, None] + cols, mask=smask[:, None], other=0.0).to(tl.float32)
-                bj = tl.load(b_ptr + (src * H + head)[:, None] * DK + cols, mask=smask[:, None], other=0.0)
+                bj = tl.load(b_ptr + token_rows(src, n, head, R_T, R_N)[:, None] * DK + cols, mask=smask[:, None], other=0.0)
                 dAj = tl.sum(tl.where(rc[None, :] == col[:, None], dA, 0.0), axis=1)
                 dQ += tl.where(smask[:, None], dAj[:, None] * tl.exp(kj - key_max + tl.minimum(b - bj, 0.0)), 0.0)
         tl.store(dq_ptr + rows[:, None] * DK + cols, (dQ * phi_q).to(dq_ptr.dtype.element_ty), mask=mask[:, None])
@@ -521,7 +530,7 @@ def chunk_bwd_main_kernel(
                 qrow = input_rows(src, n, head, S_T, S_N, S_H)
                 qj = tl.load(q_ptr + qrow[:, None] + cols, mask=smask[:, None], other=0.0).to(tl.float32)
                 qj = qj - tl.max(qj, axis=1)[:, None]
-                bj = tl.load(b_ptr + (src * H + head)[:, None] * DK + cols, mask=smask[:, None], other=0.0)
+                bj = tl.load(b_ptr + token_rows(src, n, head, R_T, R_N)[:, None] * DK + cols, mask=smask[:, None], other=0.0)
                 dAj = tl.sum(tl.where(rc[:, None] == row[None, :], dA, 0.0), axis=0)
                 dK += tl.where(smask[:, None], dAj[:, None] * tl.exp(qj + tl.minimum(bj - b, 0.0)), 0.0)
         dK = dK * phi_k

@@ -295,7 +295,8 @@ def test_gates_kernel(warps, stages, launch):
 def test_strided_inputs_as_megatron_lays_them_out(gates_apart, packed, launch):
     """q, k, v, z, u as views of one [s, b, H, W] projection seen as [b, s] (Megatron's
     layout; z and u from a tensor of their own with gates_apart, as with a low-rank gate; B = 1
-    with packed sequences): the kernels read them in place (no copy) and give the outputs,
+    with packed sequences): the kernels read them in place (no copy), write o and the input
+    gradients in the same [s, b] order (nothing to transpose back), and give the outputs,
     final states and projection gradients of contiguous inputs through the fp64 recurrence."""
     from regla_kernels import chunk_regla
 
@@ -323,6 +324,10 @@ def test_strided_inputs_as_megatron_lays_them_out(gates_apart, packed, launch):
             assert launch._one_layout(pieces[0], pieces[1]) == (pieces[0], pieces[1])  # read in place
             assert launch._one_layout(pieces[3], pieces[4]) == (pieces[3], pieces[4])
         o, final = chunk_regla(*pieces, initial_state=leaves[2], output_final_state=True, cu_seqlens=cu, backend=backend)
+        if backend == "triton" and not packed:  # o comes back in the [s, b] order of its inputs
+            assert o.transpose(0, 1).is_contiguous()
+            piece_grads = torch.autograd.grad((o.double() * w_o).sum(), pieces, retain_graph=True)
+            assert all(g.transpose(0, 1).is_contiguous() for g in piece_grads)  # the gradients too
         loss = (o.double() * w_o).sum() + (final.double() * w_s).sum()
         grads = torch.autograd.grad(loss, leaves if gates_apart else [leaves[0], leaves[2]])
         return [o, final, *grads]
