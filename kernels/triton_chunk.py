@@ -70,6 +70,8 @@ LAUNCH = {
     "fast_output_block_v": 64,
     "fast_dv_warps": 8,
     "fast_dv_block_v": 128,
+    # 4 warps with 32-wide key blocks hit an illegal memory access in bf16 on the H200 (Triton 3.6,
+    # two runs of three; benchmarks/NOTES_kernels.md, v8): check any new dq/dk tile on the GPU.
     "fast_dqk_warps": 4,
     "fast_dqk_block_k": 64,
     "fast_dqk_block_v": 128,
@@ -235,7 +237,8 @@ def _gates(z, u, k, cu, table, total, key_max=None, out=None, need_key_max=True,
     decay (fp32 [chunks, H, dk]), the fast-path flags (int8 [chunks, H]) and the key max
     (fp32 [N, H]: `key_max` when given, else computed here from k, unless need_key_max is
     False: then None). `out`: the first three preallocated (contiguous views of larger buffers).
-    z and u share one `_layout`, k has q's."""
+    z and u share one `_layout`, k has q's. `order` (here and below): the row order of the
+    per-token tensors (`_row_order`), sequences one after another by default."""
     tokens, heads, dk = _dims(z)
     order = (heads, 0) if order is None else order
     if out is None:
