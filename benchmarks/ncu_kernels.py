@@ -15,10 +15,11 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--length", type=int, default=8192)
     parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=TOKENS, help="tokens per call (B = tokens / length)")
     parser.add_argument("--launch", nargs="*", help="KEY=VALUE overrides of regla_kernels.triton_chunk.LAUNCH")
     args = parser.parse_args()
     apply_launch(args.launch)
-    inputs = make_inputs(TOKENS // args.length, args.length, True)
+    inputs = make_inputs(max(1, args.tokens // args.length), args.length, True)
     for _ in range(args.iterations):
         o = regla_chunk_call(inputs)
         torch.autograd.grad(o, list(inputs[:5]), torch.ones_like(o))
