@@ -28,10 +28,7 @@ if [ -d .baseline/regla_kernels ]; then
   PYTHONPATH=$PWD/.baseline:$PYTHONPATH timeout 90 python3 benchmarks/bench_kernels.py --out "$OUT/base" --lengths "$LENGTHS" --methods regla \
     2>&1 | grep -v -i warn > "$OUT/base.log"
 fi
-if [ "${MIXER:-0}" = 1 ] && ls .whl/megatron_core*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site_mc .whl/megatron_core*.whl \
-    && PYTHONPATH=$PYTHONPATH:/tmp/site_mc timeout 150 python3 benchmarks/bench_mixer.py 2>&1 | grep -v -i warn > "$OUT/bench_mixer.log"
-fi
+if [ "${MIXER:-0}" = 1 ]; then run_mixer; fi
 echo "== check"; grep -E "FAIL|passed" "$OUT/check.log" 2>/dev/null | cut -c1-300
 echo "== new"; grep -E "^(regla|sdpa) T=|profile|Error" "$OUT/new.log" | cut -c1-160
 cat "$OUT/candidates.log" 2>/dev/null | cut -c1-200

@@ -8,3 +8,11 @@ if ls .whl/fla_core*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+
+# benchmarks/bench_mixer.py with megatron-core from the carried wheel (skipped without it).
+run_mixer() {
+  if ls .whl/megatron_core*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site_mc .whl/megatron_core*.whl \
+      && PYTHONPATH=$PYTHONPATH:/tmp/site_mc timeout 150 python3 benchmarks/bench_mixer.py 2>&1 | grep -v -i warn > "$OUT/bench_mixer.log"
+  fi
+}

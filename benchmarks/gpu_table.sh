@@ -7,8 +7,5 @@
 set -u
 source benchmarks/gpu_env.sh
 timeout "${LIMIT:-420}" python3 benchmarks/bench_kernels.py --out "$OUT/bench" --profile 2>&1 | grep -v -i warn > "$OUT/bench.log"
-if ls .whl/megatron_core*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site_mc .whl/megatron_core*.whl \
-    && PYTHONPATH=$PYTHONPATH:/tmp/site_mc timeout 150 python3 benchmarks/bench_mixer.py 2>&1 | grep -v -i warn > "$OUT/bench_mixer.log"
-fi
+run_mixer
 grep -E "^(regla|sdpa|fla) T=|profile|^\| [0-9]" "$OUT/bench.log" | cut -c1-200; grep -E "mixer" "$OUT/bench_mixer.log" 2>/dev/null | cut -c1-300

@@ -390,30 +390,32 @@ def _from_rows(flat: torch.Tensor, batch: int, length: int, minor: bool) -> torc
 
 
 class _ChunkReGLATriton(torch.autograd.Function):
-    """o and the gradients as [B * T, H, D] in the row order `order` (`_row_order`)."""
+    """q, k, v, z, u [B, T, H, D]; o as [B * T, H, dv] in `_row_order` (Megatron's [s, b] order
+    when `minor`), the input gradients as [B, T, H, D] views of that order."""
 
     @staticmethod
-    def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, order):
+    def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor):
+        order = _row_order(q.shape[0], q.shape[1], q.shape[2], minor)
         b, _, flags, key_max = _gates(z, u, k, cu, table, total, key_max, order=order)
         h, ht = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, True, order=order)
         o, q_max = _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, order=order)
         del h
         ctx.save_for_backward(q, k, v, z, u, b, flags, key_max, q_max, h0, cu, offsets, table)
-        ctx.scale, ctx.total, ctx.order = scale, total, order
+        ctx.scale, ctx.total, ctx.minor = scale, total, minor
         ctx.h0_dtype = None if h0 is None else h0.dtype
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, z, u, b, flags, key_max, q_max, h0, cu, offsets, table = ctx.saved_tensors
-        scale, total, order = ctx.scale, ctx.total, ctx.order
+        scale, total = ctx.scale, ctx.total
+        order = _row_order(q.shape[0], q.shape[1], q.shape[2], ctx.minor)
         do = do.contiguous()
         dht = None if dht is None else dht.float().contiguous()
         h, _ = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, False, order=order)
         dh, dh0 = _bwd_dstates(q, q_max, b, do, dht, cu, offsets, scale, total, v.shape[-1], order=order)
         grads = _bwd_main(q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total, order=order)
-        minor = order[1] != 0
-        grads = [_from_rows(g, x.shape[0], x.shape[1], minor) if x.dim() == 4 else g for g, x in zip(grads, (q, k, v, z, u))]
+        grads = [_from_rows(g, q.shape[0], q.shape[1], ctx.minor) for g in grads]
         dinit = None if h0 is None else dh0.to(ctx.h0_dtype)
         return (*grads, None, None, dinit, None, None, None, None, None)
 
@@ -507,9 +509,8 @@ def chunk_regla_triton(
         key_max = key_max.detach().float().contiguous()
     h0 = None if initial_state is None else initial_state.contiguous()
     minor = cu_seqlens is None and _batch_minor(q)
-    order = _row_order(batch, length, heads, minor)
     o, state = _ChunkReGLATriton.apply(
-        q, k, v, gate_logits, refine_logits, float(scale), key_max, h0, cu, offsets, table, total, order
+        q, k, v, gate_logits, refine_logits, float(scale), key_max, h0, cu, offsets, table, total, minor
     )
     return _from_rows(o, batch, length, minor), state
 

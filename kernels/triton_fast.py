@@ -29,6 +29,7 @@ import triton.language as tl
 from .triton_stages import (
     chunk_rows,
     input_rows,
+    load_chunk_gates,
     load_gate_row,
     load_key_features,
     load_query_features,
@@ -43,7 +44,7 @@ def key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, R_T, R_N, start, eos, rows, kro
     """Of a fast chunk, key features rk: b [C, len(rk)], b_end, b_r (b at the reference row
     r = C/2 - 1, or b_end when the chunk is shorter) and the fp32 key factor
     K~ = phi_k * exp(b_r - b) [C, len(rk)] (one exponential per element)."""
-    b = tl.load(b_ptr + rows[:, None] * DK + rk[None, :], mask=mask[:, None], other=0.0)
+    b = load_chunk_gates(b_ptr, rows, mask, rk, DK)
     b_end = load_gate_row(b_ptr, start, eos, C - 1, n, head, R_T, R_N, rk, DK)
     b_ref = load_gate_row(b_ptr, start, eos, C // 2 - 1, n, head, R_T, R_N, rk, DK)
     key_max = tl.load(kmax_ptr + n * H + head).to(tl.float32)

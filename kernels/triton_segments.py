@@ -109,7 +109,7 @@ class _SegmentsReGLATriton(torch.autograd.Function):
         per, chunks = segments // slots, total // slots
         slot_cu, slot_offsets, slot_table = cu[: per + 1], offsets[:per], table[:chunks]
 
-        waits, befores = [], []
+        waits, befores, afters = [], [], []
         for p in parts:
             rows = lambda x: x[p.rows]
             known = torch.is_tensor(key_max)
@@ -119,8 +119,9 @@ class _SegmentsReGLATriton(torch.autograd.Function):
                 key_max = key_max()  # a collective that ran during the first gates kernel
             out = (h[p.chunks], local_states[p.segments])
             _fwd_states(rows(k), rows(v), rows(b), key_max[p.segments], None, slot_cu, slot_offsets, chunks, True, out=out)
-            before, _, log_decays = segment_chunk_decays(chunk_decay[p.chunks], per)
+            before, after, log_decays = segment_chunk_decays(chunk_decay[p.chunks], per)
             befores.append(before)
+            afters.append(after)
             waits.append(_start_incoming(exchange, p.index, local_states[p.segments], log_decays, initial_state))
         incoming = []
         for p, wait, before in zip(parts, waits, befores):
@@ -131,8 +132,9 @@ class _SegmentsReGLATriton(torch.autograd.Function):
                 scale, chunks, h_carry=(incoming[-1], before), out=(rows(o), rows(q_max)),
             )
         del h
-        before, after, _ = segment_chunk_decays(chunk_decay, segments)
-        ctx.save_for_backward(q, k, v, z, u, b, flags, key_max, q_max, torch.cat(incoming), before, after, cu, offsets, table)
+        ctx.save_for_backward(
+            q, k, v, z, u, b, flags, key_max, q_max, torch.cat(incoming), torch.cat(befores), torch.cat(afters), cu, offsets, table
+        )
         ctx.scale, ctx.total, ctx.exchange = scale, total, exchange
         ctx.initial_dtype = None if initial_state is None else initial_state.dtype
         return o

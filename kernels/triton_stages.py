@@ -88,8 +88,9 @@ def token_rows(tok, n, head, R_T, R_N):
     """Row index (element offset / feature count) of tokens tok of sequence n, one head, in the
     per-token tensors the kernels allocate (b, the query max, o, the gradients; do is read so):
     tok * R_T + n * R_N + head. (R_T, R_N) = (H, 0) keeps the sequences one after another,
-    (B H, H - T B H) Megatron's [s, b] order (`triton_chunk._row_order`)."""
-    return tok * R_T + n.to(tl.int64) * R_N + head
+    (B H, H - T B H) Megatron's [s, b] order (`triton_chunk._row_order`): `input_rows` with
+    the rows' own strides."""
+    return input_rows(tok, n, head, R_T, R_N, 1)
 
 
 @triton.jit
@@ -128,12 +129,9 @@ def last_row(x, C: tl.constexpr, row: tl.constexpr):
 
 
 @triton.jit
-def load_chunk_cumulative_gates(b_ptr, rows, mask, cols, DK: tl.constexpr):
-    """b (chunk cumulative log gate) [C, len(cols)], 0 on padding rows, and b_end [len(cols)].
-
-    b never rises along the chunk (a sum of terms <= 0), so its last value is its min."""
-    b = tl.load(b_ptr + rows[:, None] * DK + cols[None, :], mask=mask[:, None], other=0.0)
-    return b, tl.min(b, axis=0)
+def load_chunk_gates(b_ptr, rows, mask, cols, DK: tl.constexpr):
+    """b (chunk cumulative log gate) [C, len(cols)] fp32, 0 on padding rows."""
+    return tl.load(b_ptr + rows[:, None] * DK + cols[None, :], mask=mask[:, None], other=0.0)
 
 
 @triton.jit
@@ -150,7 +148,8 @@ def load_cumulative_gates(b_ptr, rows, mask, cols, C: tl.constexpr, S: tl.conste
     """bw (cumulative log gate from the sub-chunk start), b (from the chunk start) [C, len(cols)]
     and b_end [len(cols)]."""
     rc = tl.arange(0, C)
-    b, b_end = load_chunk_cumulative_gates(b_ptr, rows, mask, cols, DK)
+    b = load_chunk_gates(b_ptr, rows, mask, cols, DK)
+    b_end = tl.min(b, axis=0)  # b never rises along the chunk (a sum of terms <= 0)
     bw = b
     for i in tl.static_range(1, C // S):
         before = tl.min(tl.where(rc[:, None] < i * S, b, 0.0), axis=0)
@@ -347,7 +346,7 @@ def chunk_fwd_states_kernel(
         mask = tok < eos
         rows = token_rows(tok, n, head, R_T, R_N)
         krows = input_rows(tok, n, head, S_T, S_N, S_H)
-        b = tl.load(b_ptr + rows[:, None] * DK + rk[None, :], mask=mask[:, None], other=0.0)
+        b = load_chunk_gates(b_ptr, rows, mask, rk, DK)
         b_end = load_gate_row(b_ptr, bos + c * C, eos, C - 1, n, head, R_T, R_N, rk, DK)
         k_end = load_key_features(k_ptr, krows, mask, key_max, rk, b_end[None, :] - b)
         v = tl.load(v_ptr + input_rows(tok, n, head, V_T, V_N, V_H)[:, None] + rv[None, :], mask=mask[:, None], other=0.0)
@@ -414,7 +413,7 @@ def chunk_bwd_dstates_kernel(
         tok = bos + c * C + rc
         mask = tok < eos
         rows = token_rows(tok, n, head, R_T, R_N)
-        b = tl.load(b_ptr + rows[:, None] * DK + rk[None, :], mask=mask[:, None], other=0.0)
+        b = load_chunk_gates(b_ptr, rows, mask, rk, DK)
         b_end = load_gate_row(b_ptr, bos + c * C, eos, C - 1, n, head, R_T, R_N, rk, DK)
         qrows = input_rows(tok, n, head, S_T, S_N, S_H)
         q_start = load_query_features_cols(q_ptr, qmax_ptr, qrows, rows, mask, rk, b) * scale
