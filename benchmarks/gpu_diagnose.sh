@@ -1,29 +1,49 @@
 #!/usr/bin/env bash
-# One device call (kind nvidia-h200), carry [".whl"], about 5 minutes: the diagnostics that
-# benchmarks/NOTES_kernels.md ("Next", after v8) asks for before the next kernel changes.
-#   1. Nsight Compute (full set) on the dq/dk and fast output kernels at T = 8K, second pass;
-#   2. the same on the fast output and dv kernels of the long-sequence route at T = 32K (the
-#      carried-state products: 1.21 ms against 0.74 at 8K);
-#   3. the dq/dk tile that crashed (4 warps, 32-wide key blocks): five plain bf16 runs (exit
-#      codes), then compute-sanitizer memcheck on one small run, if the machine has it.
+# One device call (kind nvidia-h200), carry [".whl"], about 6-8 minutes: what the next kernel
+# changes depend on (benchmarks/NOTES_kernels.md, "Next").
+#   1. the GPU check of the working tree's kernels;
+#   2. the per-kernel profile at 8K, 16K and 32K (ReGLA alone);
+#   3. launch candidates, each "[V=<variant>] T=<length> key=value ..." in its own process (CANDIDATES,
+#      ';'-separated); V=name runs the kernels of .variants/name/regla_kernels (an ignored folder:
+#      a copy of kernels/ with a code change) instead of the working tree's;
+#   4. Nsight Compute (launch, occupancy, memory, warp-state sections) on dq/dk at 8K and on the
+#      carried-state output kernel at 32K: local-memory (spill) traffic against DRAM traffic;
+#   5. the dq/dk tile that crashed (4 warps, 32-wide key blocks) once under compute-sanitizer.
 set -u
 source benchmarks/gpu_env.sh
-cd benchmarks
-timeout 170 ncu --clock-control none -k 'regex:dqk_fast|output_fast' --launch-skip 2 --launch-count 2 --set full \
-  python3 ncu_kernels.py --iterations 2 > "$OUT/ncu_8k.log" 2>&1
-timeout 170 ncu --clock-control none -k 'regex:output_fast|dv_fast' --launch-skip 2 --launch-count 2 --set full \
-  python3 ncu_kernels.py --length 32768 --iterations 2 > "$OUT/ncu_32k.log" 2>&1
-CRASHED="fast_dqk_block_k=32 fast_dqk_warps=4"
-for run in 1 2 3 4 5; do
-  timeout 40 python3 ncu_kernels.py --iterations 3 --launch $CRASHED > /dev/null 2>> "$OUT/crash_runs.log"
-  echo "run $run exit $?" >> "$OUT/crash_runs.log"
+if [ "${CHECK:-1}" = 1 ]; then timeout 150 python3 benchmarks/gpu_check_kernels.py > "$OUT/check.log" 2>&1; fi
+PROFILE=${PROFILE-8192,16384,32768}
+timeout 120 python3 benchmarks/bench_kernels.py --out "$OUT/new" --lengths "${LENGTHS:-8192,16384,32768}" --methods regla \
+  ${PROFILE:+--profile --profile-lengths $PROFILE} 2>&1 | grep -v -i warn > "$OUT/new.log"
+IFS=';' read -ra CANDS <<< "${CANDIDATES:-}"
+for cand in "${CANDS[@]}"; do
+  length=$(sed -n 's/.*T=\([0-9]*\).*/\1/p' <<< "$cand"); variant=$(sed -n 's/.*V=\([A-Za-z0-9_]*\).*/\1/p' <<< "$cand")
+  settings=$(sed 's/T=[0-9]*//; s/V=[A-Za-z0-9_]*//' <<< "$cand")
+  path=$PYTHONPATH; [ -n "$variant" ] && path=$PWD/.variants/$variant:$PYTHONPATH
+  echo "== candidate ${variant:+V=$variant }T=$length $settings" >> "$OUT/candidates.log"
+  PYTHONPATH=$path timeout 60 python3 benchmarks/bench_kernels.py --out "$OUT/cand" --lengths "$length" --methods regla --launch $settings 2>&1 \
+    | grep -E "^regla T=|Error" >> "$OUT/candidates.log"
 done
-if command -v compute-sanitizer > /dev/null; then
-  timeout 150 compute-sanitizer --tool memcheck --print-limit 5 python3 ncu_kernels.py --tokens 8192 --length 1024 \
-    --iterations 1 --launch $CRASHED > "$OUT/sanitizer.log" 2>&1
-else
-  echo "compute-sanitizer not on this machine" > "$OUT/sanitizer.log"
+SECTIONS="--section LaunchStats --section Occupancy --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section WarpStateStats --section SchedulerStats"
+if [ "${NCU:-1}" = 1 ]; then
+  cd benchmarks
+  timeout 90 ncu --clock-control none -k 'regex:dqk_fast' --launch-skip 1 --launch-count 1 $SECTIONS \
+    python3 ncu_kernels.py --iterations 2 > "$OUT/ncu_dqk_8k.log" 2>&1
+  timeout 90 ncu --clock-control none -k 'regex:output_fast' --launch-skip 1 --launch-count 1 $SECTIONS \
+    python3 ncu_kernels.py --length 32768 --iterations 2 > "$OUT/ncu_output_32k.log" 2>&1
+  if command -v compute-sanitizer > /dev/null; then
+    timeout 90 compute-sanitizer --tool memcheck --print-limit 5 python3 ncu_kernels.py --tokens 8192 --length 1024 \
+      --iterations 1 --launch fast_dqk_block_k=32 fast_dqk_warps=4 > "$OUT/sanitizer.log" 2>&1
+    echo "exit $?" >> "$OUT/sanitizer.log"
+  else
+    echo "compute-sanitizer not on this machine" > "$OUT/sanitizer.log"
+  fi
+  cd ..
 fi
-grep -E "^  [a-z_]+_kernel|Duration|Registers Per|Achieved Occupancy|DRAM Throughput|L1/TEX Hit|Compute \(SM\) Throughput|Local Memory|spill|Stall" \
-  "$OUT/ncu_8k.log" "$OUT/ncu_32k.log" | cut -c1-160
-grep -E "exit" "$OUT/crash_runs.log"; head -20 "$OUT/sanitizer.log"
+echo "== check"; grep -E "FAIL|passed" "$OUT/check.log" 2>/dev/null | cut -c1-300
+echo "== new"; grep -E "^regla T=|profile|Error" "$OUT/new.log" | cut -c1-130
+cat "$OUT/candidates.log" 2>/dev/null | cut -c1-200
+for f in "$OUT"/ncu_*.log; do
+  echo "== $f"; grep -E "Duration|Registers Per|Local Memory|Achieved Occupancy|Theoretical Occupancy|DRAM Throughput|Memory Throughput|L1/TEX Hit|L2 Hit|Compute \(SM\) Throughput|Issue Slots Busy|No Eligible|Block Limit" "$f" | cut -c1-130
+done
+tail -8 "$OUT/sanitizer.log" 2>/dev/null

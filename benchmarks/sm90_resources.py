@@ -4,7 +4,10 @@ registers, stack (spills) and shared memory per kernel, as the H200 would run th
     python benchmarks/sm90_resources.py [--dtype bf16] [--warps fast_dqk=8 ...] [--only NAME]
 
 Uses Triton's bundled ptxas and cuobjdump; the numbers are for this Triton version, which
-may differ from the GPU machine's.
+may differ from the GPU machine's (`pip install --target DIR triton==3.6.0` and PYTHONPATH=DIR
+compiles with the GPU's). Pointers and integer arguments get the divisibility-by-16 hint the
+runtime gives them; without it the counts were far off (255 registers with spills where the
+H200 ran 166). Run it before a GPU call: it also catches compile errors the interpreter does not.
 """
 
 import argparse
@@ -25,15 +28,24 @@ from regla_kernels import triton_stages as ts
 PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
 
-def compile_one(fn, args, constexprs, warps):
+# LAUNCH register caps by job name (`triton_chunk._register_cap`)
+CAPS = {"gates": "gates", "fwd_states": "states", "bwd_dstates": "states", "fwd_output_fast": "fast_output",
+        "bwd_dv_fast": "fast_dv", "bwd_dqk_fast": "fast_dqk"}
+
+
+def compile_one(fn, args, constexprs, warps, stages=1, maxnreg=0):
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
         else:
             signature[name] = args[name]
-    src = ASTSource(fn, signature, constexprs=constexprs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+    # as the runtime specializes them: pointers and integer arguments divisible by 16
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if signature[name] != "constexpr" and (signature[name].startswith("*") or signature[name] == "i32")}
+    src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(kernel.asm["cubin"])
     tool = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
@@ -43,45 +55,65 @@ def compile_one(fn, args, constexprs, warps):
     return (m.groups() + (kernel.metadata.shared,)) if m else out
 
 
+def kernel_jobs(dtype="bf16", d=128, carry=False, warps=None, fast_output_bv=None, fast_bwd_bv=None, fast_bk=None,
+                fast_dv_bv=None):
+    """(name, kernel, argument types, constexprs, warps, loop stages) of every Triton kernel of the
+    chunked path as `triton_chunk` launches it (LAUNCH settings unless given); carry: the
+    carried-state (context-parallel) variants."""
+    launch = tc.LAUNCH
+    warps = {**{k.replace("_warps", ""): v for k, v in launch.items() if k.endswith("_warps")}, **(warps or {})}
+    fast_output_bv = fast_output_bv or launch["fast_output_block_v_carried" if carry else "fast_output_block_v"]
+    p = PTR[dtype]
+    dt = tl.bfloat16 if dtype == "bf16" else tl.float32
+    common = dict(DK=d, DV=d, C=tc.CHUNK_SIZE, S=tc.SUB_CHUNK_SIZE)
+    i32, f32 = "*i32", "*fp32"
+    args = dict(q_ptr=p, k_ptr=p, v_ptr=p, z_ptr=p, u_ptr=p, b_ptr=f32, flag_ptr="*i8", kmax_ptr=f32, h_ptr=p, dh_ptr=p,
+                do_ptr=p, o_ptr=p, dq_ptr=p, dk_ptr=p, dv_ptr=p, dz_ptr=p, du_ptr=p, table_ptr=i32, cu_ptr=i32, work_ptr=i32, choff_ptr=i32,
+                h0_ptr=f32, ht_ptr=f32, dht_ptr=f32, dh0_ptr=f32, bend_ptr=f32, hadd_ptr=f32, hdecay_ptr=f32,
+                dhadd_ptr=f32, dhdecay_ptr=f32, qmax_ptr=f32, da_ptr=p if dtype == "bf16" else f32, scale="fp32", H="i32")
+    # input strides (`triton_chunk._layout`): Megatron's [s, b] projection views, divisible by 16
+    args.update({name: "i32" for name in ("R_T", "R_N", "S_T", "S_N", "S_H", "V_T", "V_N", "V_H", "Z_T", "Z_N", "Z_H")})
+    args["reach_ptr"] = "*i8" if carry else f32  # without a carried state the runtime passes a placeholder
+    fast_bv = dict(BV=fast_bwd_bv or launch["fast_dqk_block_v"])
+    states = dict(DK=d, DV=d, C=tc.CHUNK_SIZE, BK=min(d, launch["states_block_k"]), BV=min(d, launch["states_block_v"]), DT=dt)
+    jobs = [
+        ("gates", ts.chunk_gates_kernel, dict(DK=d, C=tc.CHUNK_SIZE, LIMIT=60.0, KEY_MAX=True, STAGES=launch["gates_stages"]), warps["gates"], 1),
+        ("fwd_states", ts.chunk_fwd_states_kernel, dict(states, HAS_H0=False, STORE_HT=True), warps["states"], launch["states_stages"]),
+        ("fwd_output_sub", ts.chunk_fwd_output_kernel, dict(common, BV=min(d, launch["block_v"]), DT=tl.float32, DIAG_LIMIT=-1.0, HAS_HADD=carry), warps["output"], 1),
+        ("bwd_dstates", ts.chunk_bwd_dstates_kernel, dict(states, HAS_DHT=False), warps["states"], launch["states_stages"]),
+        ("bwd_dqk_fast", tf.chunk_bwd_dqk_fast_kernel, dict(DK=d, DV=d, C=tc.CHUNK_SIZE, BK=fast_bk or min(d, launch["fast_dqk_block_k"]),
+                                                        DT=dt, HAS_HADD=carry, HAS_DHADD=carry, **fast_bv), warps["fast_dqk"], launch["fast_dqk_stages"]),
+        ("bwd_main_sub", ts.chunk_bwd_main_kernel, dict(common, BV=min(d, 32), DT=tl.float32, DIAG_LIMIT=-1.0, HAS_HADD=carry, HAS_DHADD=carry), warps["bwd"], 1),
+    ]
+    for launch_carry in (1, 2) if carry else (0,):
+        suffix = {0: "", 1: " (not reached)", 2: ""}[launch_carry]
+        jobs.append((f"fwd_output_fast{suffix}", tf.chunk_fwd_output_fast_kernel, dict(DK=d, DV=d, C=tc.CHUNK_SIZE, BV=min(d, fast_output_bv), DT=dt, CARRY=launch_carry),
+                     warps["fast_output"], 1))
+        jobs.append((f"bwd_dv_fast{suffix}", tf.chunk_bwd_dv_fast_kernel, dict(DK=d, DV=d, C=tc.CHUNK_SIZE, BV=min(d, fast_dv_bv or launch["fast_dv_block_v"]), DT=dt, CARRY=launch_carry),
+                     warps["fast_dv"], launch["fast_dv_stages"]))
+    return [(name, fn, args, constexprs, w, stages) for name, fn, constexprs, w, stages in jobs]
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--d", type=int, default=128)
     parser.add_argument("--warps", nargs="*", default=[])
-    parser.add_argument("--fast-output-bv", type=int, default=tc.LAUNCH["fast_output_block_v"])
-    parser.add_argument("--fast-bwd-bv", type=int, default=tc.LAUNCH["fast_dqk_block_v"])
+    parser.add_argument("--fast-output-bv", type=int, default=None)
+    parser.add_argument("--fast-bwd-bv", type=int, default=None)
     parser.add_argument("--only", default="")
     parser.add_argument("--carry", action="store_true", help="the context-parallel variants (carried states)")
-    parser.add_argument("--fast-bk", type=int, default=tc.LAUNCH["fast_dqk_block_k"])
-    parser.add_argument("--fast-dv-bv", type=int, default=tc.LAUNCH["fast_dv_block_v"])
+    parser.add_argument("--fast-bk", type=int, default=None)
+    parser.add_argument("--fast-dv-bv", type=int, default=None)
     a = parser.parse_args()
-    warps = {k.replace("_warps", ""): v for k, v in tc.LAUNCH.items() if k.endswith("_warps")}
-    warps.update({k: int(v) for k, v in (w.split("=") for w in a.warps)})
-    p = PTR[a.dtype]
-    dt = tl.bfloat16 if a.dtype == "bf16" else tl.float32
-    d = a.d
-    common = dict(DK=d, DV=d, C=tc.CHUNK_SIZE, S=tc.SUB_CHUNK_SIZE)
-    i32, f32 = "*i32", "*fp32"
-    args = dict(q_ptr=p, k_ptr=p, v_ptr=p, z_ptr=p, u_ptr=p, b_ptr=f32, flag_ptr="*i8", kmax_ptr=f32, h_ptr=p, dh_ptr=p,
-                do_ptr=p, o_ptr=p, dq_ptr=p, dk_ptr=p, dv_ptr=p, dz_ptr=p, du_ptr=p, table_ptr=i32, cu_ptr=i32, choff_ptr=i32,
-                h0_ptr=f32, ht_ptr=f32, dht_ptr=f32, dh0_ptr=f32, bend_ptr=f32, hadd_ptr=f32, hdecay_ptr=f32,
-                dhadd_ptr=f32, dhdecay_ptr=f32, qmax_ptr=f32, da_ptr=p if a.dtype == "bf16" else f32, scale="fp32", H="i32")
-    # input strides (`triton_chunk._layout`): Megatron's [s, b] projection views, divisible by 16
-    args.update({name: "i32" for name in ("S_T", "S_N", "S_H", "V_T", "V_N", "V_H", "Z_T", "Z_N", "Z_H")})
-    jobs = []
-    jobs.append(("gates", ts.chunk_gates_kernel, dict(DK=d, C=tc.CHUNK_SIZE, LIMIT=60.0, KEY_MAX=True, STAGES=tc.LAUNCH["gates_stages"]), warps["gates"]))
-    jobs.append(("fwd_states", ts.chunk_fwd_states_kernel, dict(DK=d, DV=d, C=tc.CHUNK_SIZE, BK=64, BV=64, HAS_H0=False, STORE_HT=True, DT=dt), warps["states"]))
-    jobs.append(("fwd_output_fast", tf.chunk_fwd_output_fast_kernel, dict(DK=d, DV=d, C=tc.CHUNK_SIZE, BV=a.fast_output_bv, DT=dt, HAS_HADD=a.carry), warps["fast_output"]))
-    jobs.append(("fwd_output_sub", ts.chunk_fwd_output_kernel, dict(common, BV=64, DT=tl.float32, DIAG_LIMIT=-1.0, HAS_HADD=a.carry), warps["output"]))
-    jobs.append(("bwd_dstates", ts.chunk_bwd_dstates_kernel, dict(DK=d, DV=d, C=tc.CHUNK_SIZE, BK=64, BV=64, HAS_DHT=False, DT=dt), warps["states"]))
-    jobs.append(("bwd_dv_fast", tf.chunk_bwd_dv_fast_kernel, dict(DK=d, DV=d, C=tc.CHUNK_SIZE, BV=a.fast_dv_bv, DT=dt, HAS_DHADD=a.carry), warps["fast_dv"]))
-    jobs.append(("bwd_dqk_fast", tf.chunk_bwd_dqk_fast_kernel, dict(DK=d, DV=d, C=tc.CHUNK_SIZE, BK=a.fast_bk, BV=a.fast_bwd_bv, DT=dt, HAS_HADD=a.carry, HAS_DHADD=a.carry), warps["fast_dqk"]))
-    jobs.append(("bwd_main_sub", ts.chunk_bwd_main_kernel, dict(common, BV=32, DT=tl.float32, DIAG_LIMIT=-1.0, HAS_HADD=a.carry, HAS_DHADD=a.carry), warps["bwd"]))
-    print(f"triton {triton.__version__}, sm_90, {a.dtype}, d={d}, warps {warps}")
-    for name, fn, constexprs, w in jobs:
+    warps = {k: int(v) for k, v in (w.split("=") for w in a.warps)}
+    jobs = kernel_jobs(a.dtype, a.d, a.carry, warps, a.fast_output_bv, a.fast_bwd_bv, a.fast_bk, a.fast_dv_bv)
+    print(f"triton {triton.__version__}, sm_90, {a.dtype}, d={a.d}")
+    for name, fn, args, constexprs, w, stages in jobs:
         if a.only and a.only not in name:
             continue
-        print(f"{name:18s} REG/STACK/SHARED(dyn) {compile_one(fn, args, constexprs, w)}", flush=True)
+        cap = tc.LAUNCH.get(CAPS.get(name.split(" ")[0], "") + "_maxnreg", 0)
+        print(f"{name:26s} warps {w} REG/STACK/SHARED(dyn) {compile_one(fn, args, constexprs, w, stages, cap)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,14 @@ Stages (kernels in `triton_stages.py` and `triton_fast.py`):
             chunk from the logits, one flag per chunk: whole-chunk products or sub-chunk
             kernels, and the key max)
             chunk_fwd_states (sequential over chunks: state at every chunk start, final state)
-            chunk_fwd_output_fast / chunk_fwd_output (parallel over chunks, by flag; they also
-            keep each token's query max for the backward)
+            chunk_fwd_output_fast / chunk_fwd_output (parallel over chunks, by flag: the second
+            walks a work list of its chunks, `_slow_chunks`; they also keep each token's query
+            max for the backward)
   backward: chunk_fwd_states again (recompute the chunk-start states; b is kept)
             chunk_bwd_dstates (reverse over chunks: state gradients, initial-state gradient)
             chunk_bwd_dv_fast (dv and the score gradient dA) + chunk_bwd_dqk_fast /
-            chunk_bwd_main (parallel, by flag): dq, dk, dv and both gate-logit gradients
+            chunk_bwd_main (parallel, by flag; a work list too): dq, dk, dv and both gate-logit
+            gradients
 No pass runs outside the kernels.
 
 Layout [B, T, H, D] (or B = 1 with `cu_seqlens`), any strides with contiguous features (read in
@@ -28,11 +30,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .gating import refined_log_gate, sequence_key_max
+from .gating import refined_log_gate
 from .triton_fast import chunk_bwd_dqk_fast_kernel, chunk_bwd_dv_fast_kernel, chunk_fwd_output_fast_kernel
 from .triton_stages import (
     chunk_gates_kernel,
     chunk_bwd_dstates_kernel,
+    slow_chunks_kernel,
     chunk_bwd_main_kernel,
     chunk_fwd_output_kernel,
     chunk_fwd_states_kernel,
@@ -66,12 +69,20 @@ LAUNCH = {
     # product kernels (triton_fast.py); the rest the sub-chunk kernels with fp32 (tf32)
     # products. A negative value sends every chunk to the sub-chunk kernels.
     "fast_limit": 60.0,
+    # Programs per multiprocessor of the sub-chunk kernels, which walk the list of chunks that
+    # need them (`_slow_chunks`) instead of a grid over every chunk.
+    "slow_programs_per_sm": 2,
     "fast_output_warps": 8,
     "fast_output_block_v": 64,
+    # With a carried state (segments, context parallelism) the output kernel's extra product needs
+    # 178 registers at value block 64 (one program per multiprocessor), 128 at 32 (two): H200,
+    # 32K, 7.02 -> 6.87 ms (benchmarks/runs/s6_call1).
+    "fast_output_block_v_carried": 32,
     "fast_dv_warps": 8,
     "fast_dv_block_v": 128,
-    # 4 warps with 32-wide key blocks hit an illegal memory access in bf16 on the H200 (Triton 3.6,
-    # two runs of three; benchmarks/NOTES_kernels.md, v8): check any new dq/dk tile on the GPU.
+    # 4 warps with 32-wide key blocks hit an illegal memory access in bf16 on the H200 (Triton 3.6:
+    # compute-sanitizer shows a shared-memory read past the allocation inside the compiled kernel;
+    # benchmarks/NOTES_kernels.md, v8 and v9): check any new dq/dk tile on the GPU.
     "fast_dqk_warps": 4,
     "fast_dqk_block_k": 64,
     "fast_dqk_block_v": 128,
@@ -92,7 +103,10 @@ LAUNCH = {
     "gates_maxnreg": 0,
     "states_maxnreg": 0,
     "fast_output_maxnreg": 0,
-    "fast_dv_maxnreg": 0,
+    # The dv launch with a carried state (segments) needs 170 registers, one program per
+    # multiprocessor; capped at 128 (two): H200, 32K, 6.13 -> 6.07 ms (benchmarks/runs/s6_call3).
+    # Without a carried state the kernel needs 128 anyway.
+    "fast_dv_maxnreg": 128,
     "fast_dqk_maxnreg": 0,
 }
 POISON = os.environ.get("REGLA_TRITON_POISON", "0") == "1"
@@ -281,15 +295,41 @@ def _fwd_states(k, v, b, key_max, h0, cu, offsets, total, store_final, out=None,
     return h, (ht if store_final else None)
 
 
+def _slow_chunks(flags: torch.Tensor) -> torch.Tensor:
+    """Work list (int32 [1 + chunks * H]: the count, then the items ic * H + head) of the chunks
+    whose flag is 0, for the sub-chunk kernels: launched over the whole grid they cost about
+    0.16 ms at the record shape even where no chunk needs them (H200, s6_call1: programs that
+    only read their flag, one per multiprocessor at a time at their register count)."""
+    work = torch.empty(1 + flags.numel(), device=flags.device, dtype=torch.int32)
+    work[:1].zero_()
+    block = 1024
+    slow_chunks_kernel[(triton.cdiv(flags.numel(), block),)](flags, work, flags.numel(), BLOCK=block, num_warps=4)
+    return work
+
+
+def _slow_programs(total: int, heads: int) -> int:
+    """Programs of a sub-chunk kernel launch: each takes work-list entries in turn."""
+    return max(1, min(total * heads, LAUNCH["slow_programs_per_sm"] * _multiprocessors()))
+
+
 def _carried(carry, like, dtype=torch.float32):
-    """Kernel arguments (state, decay, flag) of an optional (state [N, H, dk, dv], decay [chunks, H, dk]
-    fp32) pair: a state entering each sequence from outside, added to every chunk's state with the
-    decay from the sequence start (or end) to that chunk. The state goes in `dtype`: fp32 where a
-    kernel adds it to the stored state, the product dtype where it is a product of its own."""
+    """Kernel arguments (state, decay, reach, flag) of an optional (state [N, H, dk, dv], decay
+    [chunks, H, dk] fp32, reach int8 [chunks, H]) triple: a state entering each sequence from
+    outside, added to every chunk's state with the decay from the sequence start (or end) to that
+    chunk; reach flags which chunks it still reaches (`triton_segments.segment_chunk_decays`).
+    The state goes in `dtype`: fp32 where a kernel adds it to the stored state, the product
+    dtype where it is a product of its own."""
     if carry is None:
-        return like, like, False
-    state, decay = carry
-    return state.to(dtype).contiguous(), decay.float().contiguous(), True
+        return like, like, like, False  # placeholders the kernels do not read
+    state, decay, reach = carry
+    return state.to(dtype).contiguous(), decay.float().contiguous(), reach.contiguous(), True
+
+
+def _carry_launches(has_carry: bool):
+    """The CARRY values of the fast output and dv kernels' launches (`carry_launch_takes`): one
+    launch without a carried state; with one, the chunks it no longer reaches in a launch without
+    its product and the others in a launch with it (more registers: fewer programs per SM)."""
+    return (1, 2) if has_carry else (0,)
 
 
 def _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, h_carry=None, out=None, order=None):
@@ -301,17 +341,20 @@ def _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, h_carry=
     if out is None:
         out = (_empty(tokens, heads, dv, device=q.device, dtype=q.dtype), _empty(tokens, heads, device=q.device, dtype=torch.float32))
     o, q_max = out
-    h_add, h_decay, has_h_add = _carried(h_carry, b)
+    h_add, h_decay, reach, has_h_add = _carried(h_carry, b)
     if _fast_limit() >= 0:
         fast_add = _carried(h_carry, b, _state_dtype(q.dtype))[0]
-        chunk_fwd_output_fast_kernel[(total, heads)](
-            q, k, v, b, flags, key_max, h, fast_add, h_decay, o, q_max, table, cu, scale,
-            heads, *order, *_layout(q), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, BV=min(dv, LAUNCH["fast_output_block_v"]), DT=_dot_dtype(q.dtype),
-            HAS_HADD=has_h_add, num_warps=LAUNCH["fast_output_warps"], num_stages=1, **_register_cap("fast_output"),
-        )
+        for carry in _carry_launches(has_h_add):
+            block_v = LAUNCH["fast_output_block_v_carried" if carry == 2 else "fast_output_block_v"]
+            chunk_fwd_output_fast_kernel[(total, heads)](
+                q, k, v, b, flags, key_max, h, fast_add, h_decay, reach, o, q_max, table, cu, scale,
+                heads, *order, *_layout(q), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, BV=min(dv, block_v), DT=_dot_dtype(q.dtype),
+                CARRY=carry, num_warps=LAUNCH["fast_output_warps"], num_stages=1, **_register_cap("fast_output"),
+            )
     bv = _block_v(dv)
-    chunk_fwd_output_kernel[(dv // bv, total, heads)](
-        q, k, v, b, flags, key_max, h, h_add, h_decay, o, q_max, table, cu, scale,
+    work = _slow_chunks(flags)
+    chunk_fwd_output_kernel[(dv // bv, _slow_programs(total, heads))](
+        q, k, v, b, flags, key_max, h, h_add, h_decay, o, q_max, table, cu, work, scale,
         heads, *order, *_layout(q), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BV=bv, DT=tl.float32,
         DIAG_LIMIT=LAUNCH["diag_limit"], HAS_HADD=has_h_add, num_warps=LAUNCH["output_warps"], num_stages=1,
     )
@@ -342,16 +385,18 @@ def _bwd_main(q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, sca
     order = (heads, 0) if order is None else order
     dv = v.shape[-1]
     dt = _dot_dtype(q.dtype)
-    h_add, h_decay, has_h_add = _carried(h_carry, b)
-    dh_add, dh_decay, has_dh_add = _carried(dh_carry, b)
+    h_add, h_decay, _, has_h_add = _carried(h_carry, b)
+    dh_add, dh_decay, dh_reach, has_dh_add = _carried(dh_carry, b)
     dq, dk_, dz, du, dv_ = (_empty(tokens, heads, x.shape[-1], device=x.device, dtype=x.dtype) for x in (q, k, z, u, v))
     if _fast_limit() >= 0:
         score_grad = torch.empty(total, heads, CHUNK_SIZE, CHUNK_SIZE, device=q.device, dtype=_state_dtype(q.dtype))
-        chunk_bwd_dv_fast_kernel[(total, heads)](
-            q, k, v, b, flags, key_max, dh, _carried(dh_carry, b, _state_dtype(q.dtype))[0], dh_decay, do, dv_, score_grad, table, cu, scale,
-            heads, *order, *_layout(q), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, BV=min(dv, LAUNCH["fast_dv_block_v"]), DT=dt, HAS_DHADD=has_dh_add,
-            num_warps=LAUNCH["fast_dv_warps"], num_stages=LAUNCH["fast_dv_stages"], **_register_cap("fast_dv"),
-        )
+        fast_dh_add = _carried(dh_carry, b, _state_dtype(q.dtype))[0]
+        for carry in _carry_launches(has_dh_add):
+            chunk_bwd_dv_fast_kernel[(total, heads)](
+                q, k, v, b, flags, key_max, dh, fast_dh_add, dh_decay, dh_reach, do, dv_, score_grad, table, cu, scale,
+                heads, *order, *_layout(q), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, BV=min(dv, LAUNCH["fast_dv_block_v"]), DT=dt,
+                CARRY=carry, num_warps=LAUNCH["fast_dv_warps"], num_stages=LAUNCH["fast_dv_stages"], **_register_cap("fast_dv"),
+            )
         bk = min(dk, LAUNCH["fast_dqk_block_k"])
         chunk_bwd_dqk_fast_kernel[(dk // bk, total, heads)](
             q, k, v, z, u, b, flags, key_max, q_max, score_grad, h, h_add, h_decay, dh, dh_add, dh_decay, do,
@@ -361,8 +406,9 @@ def _bwd_main(q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, sca
             **_register_cap("fast_dqk"),
         )
         del score_grad
-    chunk_bwd_main_kernel[(total, heads)](
-        q, k, v, z, u, b, flags, key_max, h, h_add, h_decay, dh, dh_add, dh_decay, do, dq, dk_, dv_, dz, du, table, cu, scale,
+    chunk_bwd_main_kernel[(_slow_programs(total, heads),)](
+        q, k, v, z, u, b, flags, key_max, h, h_add, h_decay, dh, dh_add, dh_decay, do, dq, dk_, dv_, dz, du, table, cu,
+        _slow_chunks(flags), scale,
         heads, *order, *_layout(q), *_layout(v), *_layout(z), DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BV=_bwd_block_v(dv), DT=tl.float32,
         DIAG_LIMIT=LAUNCH["diag_limit"], HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, num_warps=LAUNCH["bwd_warps"], num_stages=1,
     )
@@ -456,16 +502,14 @@ def _segments_per_sequence(batch: int, heads: int, dk: int, dv: int, length: int
 def _by_segments(q, k, v, gate_logits, refine_logits, scale, key_max, initial_state, segments):
     """o [B, T, H, dv] with every sequence cut into `segments` segments (sequence-major: a view)."""
     from .segments import LocalSegmentExchange
-    from .triton_segments import chunk_regla_segments_triton
+    from .triton_segments import KeyMaxOfSequences, chunk_regla_segments_triton
 
     batch, length = q.shape[:2]
     cut = lambda x: x.reshape(batch * segments, length // segments, *x.shape[2:])
-    if key_max is None:
-        key_max = sequence_key_max(k)
+    key_max = KeyMaxOfSequences(segments) if key_max is None else key_max.repeat_interleave(segments, dim=0)
     exchange = LocalSegmentExchange(segments, sequence_major=True)
     o = chunk_regla_segments_triton(
-        *(cut(x) for x in (q, k, v, gate_logits, refine_logits)), scale,
-        key_max.repeat_interleave(segments, dim=0), exchange, initial_state,
+        *(cut(x) for x in (q, k, v, gate_logits, refine_logits)), scale, key_max, exchange, initial_state,
     )
     return o.reshape(batch, length, *o.shape[2:])
 

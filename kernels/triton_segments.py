@@ -31,6 +31,7 @@ import triton.language as tl
 
 from .gating import sequence_key_max
 from .segments import SegmentExchange
+from .triton_fast import CARRY_REACH, REACHED_FROM_END, REACHED_FROM_START
 from .triton_chunk import (
     _bwd_dstates,
     _bwd_main,
@@ -45,41 +46,76 @@ from .triton_chunk import (
 
 
 @triton.jit
-def segment_decays_kernel(decay_ptr, before_ptr, after_ptr, total_ptr, CHUNKS, COLUMNS, BLOCK: tl.constexpr):
-    """One segment, BLOCK of its H * dk columns: walks the segment's CHUNKS chunks forward for the
-    log decay from the segment start to each chunk start (exclusive running sum) and the total,
-    then backward for the log decay from each chunk end to the segment end."""
+def segment_decays_kernel(
+    decay_ptr, before_ptr, after_ptr, total_ptr, reach_ptr, CHUNKS, H, DK, HB: tl.constexpr, BLOCK_DK: tl.constexpr,
+):
+    """One segment, HB of its heads (all DK features): walks the segment's CHUNKS chunks forward
+    for the log decay from the segment start to each chunk start (exclusive running sum) and
+    the total, then backward for the log decay from each chunk end to the segment end. Per
+    chunk and head also the reach flags (int8): bit 1 when the state entering the segment still
+    reaches the chunk (some feature's decay before it >= CARRY_REACH), bit 2 likewise for the
+    state gradient from the segment end."""
     segment = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    inside = cols < COLUMNS
-    base = segment * CHUNKS * COLUMNS + cols
-    running = tl.zeros([BLOCK], dtype=tl.float32)
+    heads = tl.program_id(1) * HB + tl.arange(0, HB)
+    features = tl.arange(0, BLOCK_DK)
+    inside = heads < H
+    cols = heads[:, None] * DK + features[None, :]
+    tile = inside[:, None] & (features < DK)[None, :]
+    base = segment * CHUNKS * H * DK + cols
+    flags = segment * CHUNKS * H + heads
+    start = tl.where(tile, 0.0, float("-inf"))  # padding features never count as reached
+    running = start
     for c in range(CHUNKS):
-        tl.store(before_ptr + base + c * COLUMNS, running, mask=inside)
-        running += tl.load(decay_ptr + base + c * COLUMNS, mask=inside, other=0.0)
-    tl.store(total_ptr + segment * COLUMNS + cols, running, mask=inside)
-    running = tl.zeros([BLOCK], dtype=tl.float32)
+        tl.store(before_ptr + base + c * H * DK, running, mask=tile)
+        reached = (tl.max(running, axis=1) >= CARRY_REACH).to(tl.int8)
+        tl.store(reach_ptr + flags + c * H, reached * REACHED_FROM_START, mask=inside)
+        running += tl.load(decay_ptr + base + c * H * DK, mask=tile, other=0.0)
+    tl.store(total_ptr + segment * H * DK + cols, running, mask=tile)
+    running = start
     for step in range(CHUNKS):
         c = CHUNKS - 1 - step
-        tl.store(after_ptr + base + c * COLUMNS, running, mask=inside)
-        running += tl.load(decay_ptr + base + c * COLUMNS, mask=inside, other=0.0)
+        tl.store(after_ptr + base + c * H * DK, running, mask=tile)
+        reached = (tl.max(running, axis=1) >= CARRY_REACH).to(tl.int8)
+        start_bit = tl.load(reach_ptr + flags + c * H, mask=inside, other=0)
+        tl.store(reach_ptr + flags + c * H, start_bit | (reached * REACHED_FROM_END), mask=inside)
+        running += tl.load(decay_ptr + base + c * H * DK, mask=tile, other=0.0)
 
 
-def segment_chunk_decays(chunk_decay: torch.Tensor, segments: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def segment_chunk_decays(chunk_decay: torch.Tensor, segments: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """From each chunk's own total log decay [chunks, H, dk] (equal-length segments, chunks in
     segment-major order): per chunk, the log decay from its segment's start to the chunk start
-    and from the chunk end to the segment end (fp32 [chunks, H, dk] each), and each segment's
-    total Lambda (fp32 [segments, H, dk]). One launch (`segment_decays_kernel`), running sums in
-    fp32 (no difference of sums)."""
+    and from the chunk end to the segment end (fp32 [chunks, H, dk] each), each segment's
+    total Lambda (fp32 [segments, H, dk]), and the reach flags (int8 [chunks, H], bits
+    REACHED_FROM_START / REACHED_FROM_END: whether a state carried from the segment start, or a
+    gradient from its end, is not yet decayed to 0 there; `segment_decays_kernel`). One launch,
+    running sums in fp32 (no difference of sums)."""
     chunk_decay = chunk_decay.float().contiguous()
     chunks, heads, dk = chunk_decay.shape
     before, after = torch.empty_like(chunk_decay), torch.empty_like(chunk_decay)
     total = torch.empty(segments, heads, dk, device=chunk_decay.device, dtype=torch.float32)
-    block = 256
-    segment_decays_kernel[(segments, triton.cdiv(heads * dk, block))](
-        chunk_decay, before, after, total, chunks // segments, heads * dk, BLOCK=block, num_warps=2,
+    reach = torch.empty(chunks, heads, device=chunk_decay.device, dtype=torch.int8)
+    block_dk = triton.next_power_of_2(dk)
+    per_program = max(1, 256 // block_dk)
+    segment_decays_kernel[(segments, triton.cdiv(heads, per_program))](
+        chunk_decay, before, after, total, reach, chunks // segments, heads, dk, HB=per_program, BLOCK_DK=block_dk, num_warps=2,
     )
-    return before, after, total
+    return before, after, total, reach
+
+
+class KeyMaxOfSequences:
+    """`key_max` of `chunk_regla_segments_triton` for sequences cut into `per_sequence` segments
+    on this device, each sequence's in a row (sequence-major, one slot): the gates kernel takes
+    each segment's key max and a sequence's is the max over its segments (no pass over k of its
+    own)."""
+
+    def __init__(self, per_sequence: int):
+        self.per_sequence = per_sequence
+
+    def combine(self, per_segment: torch.Tensor) -> torch.Tensor:
+        """[N, H] per segment -> [N, H] per segment's sequence."""
+        heads = per_segment.shape[-1]
+        whole = per_segment.view(-1, self.per_sequence, heads).amax(1)
+        return whole.repeat_interleave(self.per_sequence, dim=0).contiguous()
 
 
 class _Slot:
@@ -109,31 +145,35 @@ class _SegmentsReGLATriton(torch.autograd.Function):
         per, chunks = segments // slots, total // slots
         slot_cu, slot_offsets, slot_table = cu[: per + 1], offsets[:per], table[:chunks]
 
-        waits, befores, afters = [], [], []
+        waits, befores, afters, reaches = [], [], [], []
         for p in parts:
             rows = lambda x: x[p.rows]
-            known = torch.is_tensor(key_max)
+            known, own = torch.is_tensor(key_max), isinstance(key_max, KeyMaxOfSequences)
             out = (rows(b), chunk_decay[p.chunks], flags[p.chunks])
-            _gates(rows(z), rows(u), rows(k), slot_cu, slot_table, chunks, key_max if known else None, out=out, need_key_max=False)
-            if not known:
+            *_, found = _gates(rows(z), rows(u), rows(k), slot_cu, slot_table, chunks, key_max if known else None, out=out, need_key_max=own)
+            if own:
+                key_max = key_max.combine(found)
+            elif not known:
                 key_max = key_max()  # a collective that ran during the first gates kernel
             out = (h[p.chunks], local_states[p.segments])
             _fwd_states(rows(k), rows(v), rows(b), key_max[p.segments], None, slot_cu, slot_offsets, chunks, True, out=out)
-            before, after, log_decays = segment_chunk_decays(chunk_decay[p.chunks], per)
+            before, after, log_decays, reach = segment_chunk_decays(chunk_decay[p.chunks], per)
             befores.append(before)
             afters.append(after)
+            reaches.append(reach)
             waits.append(_start_incoming(exchange, p.index, local_states[p.segments], log_decays, initial_state))
         incoming = []
-        for p, wait, before in zip(parts, waits, befores):
+        for p, wait, before, reach in zip(parts, waits, befores, reaches):
             rows = lambda x: x[p.rows]
             incoming.append(wait().float().contiguous())
             _fwd_output(
                 rows(q), rows(k), rows(v), rows(b), flags[p.chunks], key_max[p.segments], h[p.chunks], slot_table, slot_cu,
-                scale, chunks, h_carry=(incoming[-1], before), out=(rows(o), rows(q_max)),
+                scale, chunks, h_carry=(incoming[-1], before, reach), out=(rows(o), rows(q_max)),
             )
         del h
         ctx.save_for_backward(
-            q, k, v, z, u, b, flags, key_max, q_max, torch.cat(incoming), torch.cat(befores), torch.cat(afters), cu, offsets, table
+            q, k, v, z, u, b, flags, key_max, q_max, torch.cat(incoming), torch.cat(befores), torch.cat(afters), torch.cat(reaches),
+            cu, offsets, table,
         )
         ctx.scale, ctx.total, ctx.exchange = scale, total, exchange
         ctx.initial_dtype = None if initial_state is None else initial_state.dtype
@@ -143,7 +183,7 @@ class _SegmentsReGLATriton(torch.autograd.Function):
     def backward(ctx, do):
         """The state-gradient pass first (it needs no h), its communication started, the
         chunk-start states recomputed meanwhile, then the gradient kernels."""
-        q, k, v, z, u, b, flags, key_max, q_max, incoming, before, after, cu, offsets, table = ctx.saved_tensors
+        q, k, v, z, u, b, flags, key_max, q_max, incoming, before, after, reach, cu, offsets, table = ctx.saved_tensors
         scale, total = ctx.scale, ctx.total
         do = do.contiguous()
         dh, own = _bwd_dstates(q, q_max, b, do, None, cu, offsets, scale, total, v.shape[-1])
@@ -152,7 +192,7 @@ class _SegmentsReGLATriton(torch.autograd.Function):
         at_end, initial_grad = wait()
         grads = _bwd_main(
             q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total,
-            h_carry=(incoming, before), dh_carry=(at_end.float().contiguous(), after),
+            h_carry=(incoming, before, reach), dh_carry=(at_end.float().contiguous(), after, reach),
         )
         if ctx.initial_dtype is not None and initial_grad is not None:
             initial_grad = initial_grad.to(ctx.initial_dtype)
@@ -183,7 +223,7 @@ def chunk_regla_segments_triton(
     gate_logits: torch.Tensor,
     refine_logits: torch.Tensor,
     scale: float,
-    key_max: Union[torch.Tensor, Callable[[], torch.Tensor], None],
+    key_max: Union[torch.Tensor, Callable[[], torch.Tensor], "KeyMaxOfSequences", None],
     exchange: SegmentExchange,
     initial_state: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
@@ -195,7 +235,8 @@ def chunk_regla_segments_triton(
         scale: score factor.
         key_max: [N, H], the key max of each segment's whole sequence (detached), or a
             function returning it (called after the first gates kernel, so a collective that
-            produces it overlaps that kernel); None takes each segment's own, which is right
+            produces it overlaps that kernel), or `KeyMaxOfSequences` (sequences cut on this
+            device: the gates kernel finds it); None takes each segment's own, which is right
             only for segments that are whole sequences.
         exchange: see `SegmentExchange` (its `slots`, when it has `start_incoming`, cuts the
             N segments into that many groups, processed as `_SegmentsReGLATriton` says).
@@ -214,7 +255,10 @@ def chunk_regla_segments_triton(
     cu, offsets, table, total = _regular_tables(segments, length, q.device)
     if key_max is None:
         key_max = sequence_key_max(k)
-    if torch.is_tensor(key_max):
+    if isinstance(key_max, KeyMaxOfSequences):
+        if slots != 1 or segments % key_max.per_sequence:
+            raise ValueError("chunk_regla_segments: KeyMaxOfSequences needs one slot and whole sequences of segments")
+    elif torch.is_tensor(key_max):
         key_max = key_max.detach().float().contiguous()
     else:
         pending = key_max

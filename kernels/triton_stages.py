@@ -317,6 +317,25 @@ def chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, R_T, R_N, C: tl.constex
 
 
 @triton.jit
+def slow_chunks_kernel(flag_ptr, work_ptr, N, BLOCK: tl.constexpr):
+    """The work list of the sub-chunk kernels: every (chunk, head) item ic * H + head whose flag
+    (int8 [chunks * H]) is 0 goes to work[1 + slot] (int32), work[0] counting them (0 before).
+    One atomic per block of BLOCK flags reserves its slots; the list order is immaterial (each
+    item is one program's own output)."""
+    items = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    slow = (tl.load(flag_ptr + items, mask=items < N, other=1) == 0).to(tl.int32)
+    first = tl.atomic_add(work_ptr, tl.sum(slow, axis=0))
+    tl.store(work_ptr + first + tl.cumsum(slow, axis=0), items, mask=slow != 0)
+
+
+@triton.jit
+def work_item(work_ptr, w, H):
+    """(chunk, head) of entry w of a `slow_chunks_kernel` work list."""
+    item = tl.load(work_ptr + 1 + w)
+    return item // H, item % H
+
+
+@triton.jit
 def chunk_fwd_states_kernel(
     k_ptr, v_ptr, b_ptr, kmax_ptr, h0_ptr, h_ptr, ht_ptr, cu_ptr, choff_ptr,
     H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -357,24 +376,23 @@ def chunk_fwd_states_kernel(
 
 @triton.jit
 def chunk_fwd_output_kernel(
-    q_ptr, k_ptr, v_ptr, b_ptr, flag_ptr, kmax_ptr, h_ptr, hadd_ptr, hdecay_ptr, o_ptr, qmax_ptr, table_ptr, cu_ptr, scale,
-    H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, b_ptr, flag_ptr, kmax_ptr, h_ptr, hadd_ptr, hdecay_ptr, o_ptr, qmax_ptr, table_ptr, cu_ptr, work_ptr,
+    scale, H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
     BV: tl.constexpr, DT: tl.constexpr, DIAG_LIMIT: tl.constexpr, HAS_HADD: tl.constexpr,
 ):
-    """o = scale * (A v + (phi_q * exp(b)) h_start) for one chunk (flag 0), one head, BV value
-    columns; rowmax q into qmax (fp32 [T, H]) for the backward."""
-    iv = tl.program_id(0)
-    ic = tl.program_id(1)
-    head = tl.program_id(2)
-    n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, R_T, R_N, C)
-    rk = tl.arange(0, DK)
-    rv = iv * BV + tl.arange(0, BV)
-    if fast == 0:
+    """o = scale * (A v + (phi_q * exp(b)) h_start) for the chunks of the work list (flag 0,
+    `slow_chunks_kernel`), BV value columns, the programs taking its entries in turn; rowmax q
+    into qmax (fp32 [T, H]) for the backward."""
+    for w in range(tl.program_id(1), tl.load(work_ptr), tl.num_programs(1)):
+        ic, head = work_item(work_ptr, w, H)
+        n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, R_T, R_N, C)
+        rk = tl.arange(0, DK)
+        rv = tl.program_id(0) * BV + tl.arange(0, BV)
         qrows = input_rows(start + tl.arange(0, C), n, head, S_T, S_N, S_H)
         phi_q, phi_k, bw, b, b_end, key_max, A, q_max = sub_chunk_scores(
             q_ptr, k_ptr, b_ptr, kmax_ptr, n, head, H, R_T, R_N, rows, qrows, mask, start, eos, S_T, S_N, S_H, C, S, DK, DT, DIAG_LIMIT
         )
-        if iv == 0:
+        if tl.program_id(0) == 0:
             tl.store(qmax_ptr + rows, q_max, mask=mask)
         vrows = input_rows(start + tl.arange(0, C), n, head, V_T, V_N, V_H)
         v = tl.load(v_ptr + vrows[:, None] + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
@@ -425,25 +443,25 @@ def chunk_bwd_dstates_kernel(
 @triton.jit
 def chunk_bwd_main_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, u_ptr, b_ptr, flag_ptr, kmax_ptr, h_ptr, hadd_ptr, hdecay_ptr,
-    dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, dz_ptr, du_ptr, table_ptr, cu_ptr, scale,
+    dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, dz_ptr, du_ptr, table_ptr, cu_ptr, work_ptr, scale,
     H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, Z_T, Z_N, Z_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
     S: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, DIAG_LIMIT: tl.constexpr, HAS_HADD: tl.constexpr,
     HAS_DHADD: tl.constexpr,
 ):
-    """All input gradients of one chunk and head, from h (state at the chunk start) and dh
+    """All input gradients of the chunks of the work list (flag 0, `slow_chunks_kernel`), one
+    (chunk, head) at a time per program, from h (state at the chunk start) and dh
     (gradient at the chunk end). The gate gradient uses the reverse-cumsum identity
     dlogF_t = sum_{t' >= t in chunk} (phi_q dQ - phi_k dK_scores)_{t'}
               + sum_{s < t} k_end_s * (v_s dh^T) + exp(b_end) * rowsum(h * dh)."""
     NS: tl.constexpr = C // S
-    ic = tl.program_id(0)
-    head = tl.program_id(1)
-    n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, R_T, R_N, C)
-    rc = tl.arange(0, C)
-    rk = tl.arange(0, DK)
-    cols = rk[None, :]
-    blk = rc // S
-    within = rc % S
-    if fast == 0:
+    for w in range(tl.program_id(0), tl.load(work_ptr), tl.num_programs(0)):
+        ic, head = work_item(work_ptr, w, H)
+        n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, R_T, R_N, C)
+        rc = tl.arange(0, C)
+        rk = tl.arange(0, DK)
+        cols = rk[None, :]
+        blk = rc // S
+        within = rc % S
         qrows = input_rows(start + rc, n, head, S_T, S_N, S_H)
         vrows = input_rows(start + rc, n, head, V_T, V_N, V_H)
         phi_q, phi_k, bw, b, b_end, key_max, A, _ = sub_chunk_scores(

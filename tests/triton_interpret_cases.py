@@ -207,7 +207,7 @@ def test_segment_chunk_decays_against_fp64_sums():
     from regla_kernels.triton_segments import segment_chunk_decays
 
     decay = -torch.rand(15, 3, 100, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 7
-    before, after, total = segment_chunk_decays(decay.float(), 5)
+    before, after, total, _ = segment_chunk_decays(decay.float(), 5)
     per = decay.view(5, 3, 3, 100)
     inclusive = per.cumsum(1)
     expected = [(inclusive - per).reshape(15, 3, 100), (per.sum(1, keepdim=True) - inclusive).reshape(15, 3, 100), per.sum(1)]
@@ -227,6 +227,47 @@ def test_carried_states_reach_later_chunks(fast_limit, launch):
     inputs = _inputs(2, 2 * 192, 2, 2 * d, d, seed=11, logit_scale=0.5)
     inputs[3] = inputs[3] + 5.0
     got = _run_with(_by_segments(2), inputs)
+    ref = _run("naive", [x.double() for x in inputs], with_state=False)
+    for name, a, b in zip(NAMES, got, ref):
+        if name != "final_state":
+            assert ((a.double() - b).norm() / b.norm()).item() < 2e-5, name
+
+
+def test_segment_reach_flags_against_fp64_sums():
+    """The reach flags of `segment_chunk_decays`: bit 1 where some feature's decay from the
+    segment start to the chunk is >= -105, bit 2 likewise to the segment end (chunk decays of
+    -50 to -80: reached in a segment's first two chunks from its start, its last two from its
+    end, and a mix between); features 100 (a padded block)."""
+    from regla_kernels.triton_segments import segment_chunk_decays
+
+    decay = -(50.0 + 30.0 * torch.rand(20, 3, 100, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
+    _, _, _, reach = segment_chunk_decays(decay.float(), 5)
+    per = decay.view(5, 4, 3, 100)
+    inclusive = per.cumsum(1)
+    for bit, to_chunk in ((1, inclusive - per), (2, per.sum(1, keepdim=True) - inclusive)):
+        best = to_chunk.amax(-1).reshape(20, 3)
+        clear = (best + 105.0).abs() > 1e-3  # fp32 sums may round across the edge
+        got = (reach.long() & bit) != 0
+        assert torch.equal(got[clear], (best >= -105.0)[clear]), bit
+        assert got.any() and not got.all(), bit
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_carried_states_in_reached_chunks_only(slots, launch):
+    """Fast-decaying gates (log F about -1.5 per token, every chunk still on the whole-chunk
+    kernels): a carried state reaches only the first chunks of a segment and a carried gradient
+    only the last ones, so the fast output and dv kernels split their chunks over the launch
+    with the carried product and the one without; together they equal the one-pass recurrence."""
+    from regla_kernels import refined_log_gate
+
+    d = launch.MIN_HEAD_DIM
+    inputs = _inputs(2, 4 * 256, 2, d, d, seed=13, logit_scale=0.3)
+    inputs[3] = inputs[3] - 2.2
+    assert launch.fast_chunk_mask(inputs[3], inputs[4]).all()
+    chunk_decay = refined_log_gate(inputs[3].double(), inputs[4].double()).reshape(2, 4, 4, 64, 2, d).sum(3)
+    reached = (chunk_decay.cumsum(2) - chunk_decay).amax(-1) >= -105.0  # [batch, segment, chunk, head]
+    assert reached.any() and not reached.all()
+    got = _run_with(_by_segments(4, slots), inputs)
     ref = _run("naive", [x.double() for x in inputs], with_state=False)
     for name, a, b in zip(NAMES, got, ref):
         if name != "final_state":
