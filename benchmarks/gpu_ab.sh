@@ -4,8 +4,8 @@
 # next), and a baseline's kernels, in one run.
 #   1. the GPU check (default settings) unless CHECK=0;
 #   2. ReGLA and SDPA at LENGTHS, the per-kernel profile at PROFILE lengths;
-#   3. ReGLA at T = CAND_LENGTHS (default 8K) for every CANDIDATES entry
-#      ("key=value key2=value2;key=value;...");
+#   3. ReGLA for every CANDIDATES entry (`run_candidates` in gpu_env.sh; T = CAND_LENGTHS, 8K,
+#      where an entry names none);
 #   4. the baseline's ReGLA (defaults) at LENGTHS when .baseline/regla_kernels exists;
 #   5. with MIXER=1 (megatron-core from .whl), benchmarks/bench_mixer.py.
 # Prepare the baseline here first (ignored folder):
@@ -18,12 +18,7 @@ PROFILE=${PROFILE:-8192}
 if [ "${CHECK:-1}" = 1 ]; then timeout 150 python3 benchmarks/gpu_check_kernels.py > "$OUT/check.log" 2>&1; fi
 timeout 150 python3 benchmarks/bench_kernels.py --out "$OUT/new" --lengths "$LENGTHS" --methods regla,sdpa --profile \
   --profile-lengths "$PROFILE" 2>&1 | grep -v -i warn > "$OUT/new.log"
-IFS=';' read -ra CANDS <<< "${CANDIDATES:-}"
-for cand in "${CANDS[@]}"; do
-  echo "== candidate $cand" >> "$OUT/candidates.log"
-  timeout 60 python3 benchmarks/bench_kernels.py --out "$OUT/cand" --lengths "${CAND_LENGTHS:-8192}" --methods regla --launch $cand 2>&1 \
-    | grep -E "^regla T=|Error" >> "$OUT/candidates.log"
-done
+run_candidates
 if [ -d .baseline/regla_kernels ]; then
   PYTHONPATH=$PWD/.baseline:$PYTHONPATH timeout 90 python3 benchmarks/bench_kernels.py --out "$OUT/base" --lengths "$LENGTHS" --methods regla \
     2>&1 | grep -v -i warn > "$OUT/base.log"

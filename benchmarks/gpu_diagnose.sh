@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
-# One device call (kind nvidia-h200), carry [".whl"], about 6-8 minutes: what the next kernel
-# changes depend on (benchmarks/NOTES_kernels.md, "Next").
+# One device call (kind nvidia-h200), carry [".whl"] (and ".variants" for V= candidates), about
+# 6-8 minutes: what the next kernel changes depend on (benchmarks/NOTES_kernels.md, "Next").
 #   1. the GPU check of the working tree's kernels;
 #   2. the per-kernel profile at 8K, 16K and 32K (ReGLA alone);
-#   3. launch candidates, each "[V=<variant>] T=<length> key=value ..." in its own process (CANDIDATES,
-#      ';'-separated); V=name runs the kernels of .variants/name/regla_kernels (an ignored folder:
-#      a copy of kernels/ with a code change) instead of the working tree's;
+#   3. launch candidates and code variants (CANDIDATES, `run_candidates` in gpu_env.sh);
 #   4. Nsight Compute (launch, occupancy, memory, warp-state sections) on dq/dk at 8K and on the
 #      carried-state output kernel at 32K: local-memory (spill) traffic against DRAM traffic;
 #   5. the dq/dk tile that crashed (4 warps, 32-wide key blocks) once under compute-sanitizer.
@@ -15,15 +13,7 @@ if [ "${CHECK:-1}" = 1 ]; then timeout 150 python3 benchmarks/gpu_check_kernels.
 PROFILE=${PROFILE-8192,16384,32768}
 timeout 120 python3 benchmarks/bench_kernels.py --out "$OUT/new" --lengths "${LENGTHS:-8192,16384,32768}" --methods regla \
   ${PROFILE:+--profile --profile-lengths $PROFILE} 2>&1 | grep -v -i warn > "$OUT/new.log"
-IFS=';' read -ra CANDS <<< "${CANDIDATES:-}"
-for cand in "${CANDS[@]}"; do
-  length=$(sed -n 's/.*T=\([0-9]*\).*/\1/p' <<< "$cand"); variant=$(sed -n 's/.*V=\([A-Za-z0-9_]*\).*/\1/p' <<< "$cand")
-  settings=$(sed 's/T=[0-9]*//; s/V=[A-Za-z0-9_]*//' <<< "$cand")
-  path=$PYTHONPATH; [ -n "$variant" ] && path=$PWD/.variants/$variant:$PYTHONPATH
-  echo "== candidate ${variant:+V=$variant }T=$length $settings" >> "$OUT/candidates.log"
-  PYTHONPATH=$path timeout 60 python3 benchmarks/bench_kernels.py --out "$OUT/cand" --lengths "$length" --methods regla --launch $settings 2>&1 \
-    | grep -E "^regla T=|Error" >> "$OUT/candidates.log"
-done
+run_candidates
 SECTIONS="--section LaunchStats --section Occupancy --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section WarpStateStats --section SchedulerStats"
 if [ "${NCU:-1}" = 1 ]; then
   cd benchmarks

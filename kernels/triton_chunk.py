@@ -312,17 +312,21 @@ def _slow_programs(total: int, heads: int) -> int:
     return max(1, min(total * heads, LAUNCH["slow_programs_per_sm"] * _multiprocessors()))
 
 
-def _carried(carry, like, dtype=torch.float32):
-    """Kernel arguments (state, decay, reach, flag) of an optional (state [N, H, dk, dv], decay
+def _carried(carry, like):
+    """Kernel arguments (state fp32, decay, reach, flag) of an optional (state [N, H, dk, dv], decay
     [chunks, H, dk] fp32, reach int8 [chunks, H]) triple: a state entering each sequence from
     outside, added to every chunk's state with the decay from the sequence start (or end) to that
-    chunk; reach flags which chunks it still reaches (`triton_segments.segment_chunk_decays`).
-    The state goes in `dtype`: fp32 where a kernel adds it to the stored state, the product
-    dtype where it is a product of its own."""
+    chunk; reach flags which chunks it still reaches (`triton_segments.segment_chunk_decays`)."""
     if carry is None:
         return like, like, like, False  # placeholders the kernels do not read
     state, decay, reach = carry
-    return state.to(dtype).contiguous(), decay.float().contiguous(), reach.contiguous(), True
+    return state.float().contiguous(), decay.float().contiguous(), reach.contiguous(), True
+
+
+def _product_state(state, has_state: bool, dtype: torch.dtype):
+    """A carried state (`_carried`) for the fast kernels, which take it as a product operand in the
+    product dtype (a placeholder stays as it is)."""
+    return state.to(_state_dtype(dtype)) if has_state else state
 
 
 def _carry_launches(has_carry: bool):
@@ -332,9 +336,10 @@ def _carry_launches(has_carry: bool):
     return (1, 2) if has_carry else (0,)
 
 
-def _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, h_carry=None, out=None, order=None):
+def _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, h_carry=None, out=None, order=None, work=None):
     """o [T, H, dv] in q's dtype from the chunk-start states h (plus `h_carry`, see `_carried`),
-    and each token's query max (fp32 [T, H], for the backward). `out`: both preallocated."""
+    and each token's query max (fp32 [T, H], for the backward). `out`: both preallocated. `work`:
+    the sub-chunk work list of these flags (`_slow_chunks`), made here when not given."""
     tokens, heads, dk = _dims(q)
     order = (heads, 0) if order is None else order
     dv = v.shape[-1]
@@ -343,7 +348,7 @@ def _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, h_carry=
     o, q_max = out
     h_add, h_decay, reach, has_h_add = _carried(h_carry, b)
     if _fast_limit() >= 0:
-        fast_add = _carried(h_carry, b, _state_dtype(q.dtype))[0]
+        fast_add = _product_state(h_add, has_h_add, q.dtype)
         for carry in _carry_launches(has_h_add):
             block_v = LAUNCH["fast_output_block_v_carried" if carry == 2 else "fast_output_block_v"]
             chunk_fwd_output_fast_kernel[(total, heads)](
@@ -352,7 +357,7 @@ def _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, h_carry=
                 CARRY=carry, num_warps=LAUNCH["fast_output_warps"], num_stages=1, **_register_cap("fast_output"),
             )
     bv = _block_v(dv)
-    work = _slow_chunks(flags)
+    work = _slow_chunks(flags) if work is None else work
     chunk_fwd_output_kernel[(dv // bv, _slow_programs(total, heads))](
         q, k, v, b, flags, key_max, h, h_add, h_decay, o, q_max, table, cu, work, scale,
         heads, *order, *_layout(q), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BV=bv, DT=tl.float32,
@@ -378,9 +383,11 @@ def _bwd_dstates(q, q_max, b, do, dht, cu, offsets, scale, total, dv, order=None
     return dh, dh0
 
 
-def _bwd_main(q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total, h_carry=None, dh_carry=None, order=None):
+def _bwd_main(
+    q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total, h_carry=None, dh_carry=None, order=None, work=None,
+):
     """dq, dk, dv, dz, du (each contiguous [T, H, D] in its input's dtype) from h and dh (plus
-    `h_carry`, `dh_carry`, see `_carried`). do: contiguous [T, H, dv]."""
+    `h_carry`, `dh_carry`, see `_carried`). do: contiguous [T, H, dv]. `work`: as in `_fwd_output`."""
     tokens, heads, dk = _dims(q)
     order = (heads, 0) if order is None else order
     dv = v.shape[-1]
@@ -390,7 +397,7 @@ def _bwd_main(q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, sca
     dq, dk_, dz, du, dv_ = (_empty(tokens, heads, x.shape[-1], device=x.device, dtype=x.dtype) for x in (q, k, z, u, v))
     if _fast_limit() >= 0:
         score_grad = torch.empty(total, heads, CHUNK_SIZE, CHUNK_SIZE, device=q.device, dtype=_state_dtype(q.dtype))
-        fast_dh_add = _carried(dh_carry, b, _state_dtype(q.dtype))[0]
+        fast_dh_add = _product_state(dh_add, has_dh_add, q.dtype)
         for carry in _carry_launches(has_dh_add):
             chunk_bwd_dv_fast_kernel[(total, heads)](
                 q, k, v, b, flags, key_max, dh, fast_dh_add, dh_decay, dh_reach, do, dv_, score_grad, table, cu, scale,
@@ -408,7 +415,7 @@ def _bwd_main(q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, sca
         del score_grad
     chunk_bwd_main_kernel[(_slow_programs(total, heads),)](
         q, k, v, z, u, b, flags, key_max, h, h_add, h_decay, dh, dh_add, dh_decay, do, dq, dk_, dv_, dz, du, table, cu,
-        _slow_chunks(flags), scale,
+        _slow_chunks(flags) if work is None else work, scale,
         heads, *order, *_layout(q), *_layout(v), *_layout(z), DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BV=_bwd_block_v(dv), DT=tl.float32,
         DIAG_LIMIT=LAUNCH["diag_limit"], HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, num_warps=LAUNCH["bwd_warps"], num_stages=1,
     )
@@ -444,23 +451,24 @@ class _ChunkReGLATriton(torch.autograd.Function):
         order = _row_order(q.shape[0], q.shape[1], q.shape[2], minor)
         b, _, flags, key_max = _gates(z, u, k, cu, table, total, key_max, order=order)
         h, ht = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, True, order=order)
-        o, q_max = _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, order=order)
+        work = _slow_chunks(flags)  # the backward walks the same list
+        o, q_max = _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, order=order, work=work)
         del h
-        ctx.save_for_backward(q, k, v, z, u, b, flags, key_max, q_max, h0, cu, offsets, table)
+        ctx.save_for_backward(q, k, v, z, u, b, flags, key_max, q_max, h0, cu, offsets, table, work)
         ctx.scale, ctx.total, ctx.minor = scale, total, minor
         ctx.h0_dtype = None if h0 is None else h0.dtype
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, z, u, b, flags, key_max, q_max, h0, cu, offsets, table = ctx.saved_tensors
+        q, k, v, z, u, b, flags, key_max, q_max, h0, cu, offsets, table, work = ctx.saved_tensors
         scale, total = ctx.scale, ctx.total
         order = _row_order(q.shape[0], q.shape[1], q.shape[2], ctx.minor)
         do = do.contiguous()
         dht = None if dht is None else dht.float().contiguous()
         h, _ = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, False, order=order)
         dh, dh0 = _bwd_dstates(q, q_max, b, do, dht, cu, offsets, scale, total, v.shape[-1], order=order)
-        grads = _bwd_main(q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total, order=order)
+        grads = _bwd_main(q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total, order=order, work=work)
         grads = [_from_rows(g, q.shape[0], q.shape[1], ctx.minor) for g in grads]
         dinit = None if h0 is None else dh0.to(ctx.h0_dtype)
         return (*grads, None, None, dinit, None, None, None, None, None)

@@ -115,7 +115,7 @@ class KeyMaxOfSequences:
         """[N, H] per segment -> [N, H] per segment's sequence."""
         heads = per_segment.shape[-1]
         whole = per_segment.view(-1, self.per_sequence, heads).amax(1)
-        return whole.repeat_interleave(self.per_sequence, dim=0).contiguous()
+        return whole.repeat_interleave(self.per_sequence, dim=0)
 
 
 class _Slot:
