@@ -38,9 +38,13 @@ def make_inputs(batch, length, with_grad):
     return r(), r(), r(), r(GATE["std"], GATE["mean"]), r(), r()
 
 
-def regla_chunk_call(inputs):
+def regla_chunk_call(inputs, low_memory=False):
     q, k, v, z, u, _ = inputs
-    return chunk_regla(q, k, v, z, u, backend="triton")[0]
+    return chunk_regla(q, k, v, z, u, backend="triton", low_memory=low_memory)[0]
+
+
+def regla_low_memory_call(inputs):
+    return regla_chunk_call(inputs, low_memory=True)
 
 
 def fla_step(inputs, log_gate):
@@ -115,6 +119,10 @@ def measure_regla(inputs):
     return measure(regla_chunk_call, inputs, list(inputs[:5]))
 
 
+def measure_regla_low_memory(inputs):
+    return measure(regla_low_memory_call, inputs, list(inputs[:5]))
+
+
 def measure_fla(inputs):
     """fla chunk_gla fed log F in fp32 (bf16 if this fla refuses fp32 gates)."""
     z, u = inputs[3].detach(), inputs[4].detach()
@@ -132,7 +140,7 @@ def measure_sdpa(inputs):
     return measure(sdpa_step, inputs, list(inputs[:3]))
 
 
-MEASURES = {"regla": measure_regla, "fla": measure_fla, "sdpa": measure_sdpa}
+MEASURES = {"regla": measure_regla, "regla_lm": measure_regla_low_memory, "fla": measure_fla, "sdpa": measure_sdpa}
 
 
 # Greedy sweep: each launch setting in turn, its alternatives tried on top of the best so far
@@ -177,17 +185,17 @@ def sweep(length=8192, gain=0.01):
     return {"runs": out, "kept": best}
 
 
-def profile(length=8192):
+def profile(length=8192, call=regla_chunk_call, label=""):
     """Device time per kernel of one forward+backward (torch profiler), longest first."""
     batch = TOKENS // length
     inputs = make_inputs(batch, length, True)
-    do = torch.randn_like(regla_chunk_call(inputs).detach())
+    do = torch.randn_like(call(inputs).detach())
     for _ in range(3):
-        torch.autograd.grad(regla_chunk_call(inputs), list(inputs[:5]), do)
+        torch.autograd.grad(call(inputs), list(inputs[:5]), do)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            torch.autograd.grad(regla_chunk_call(inputs), list(inputs[:5]), do)
+            torch.autograd.grad(call(inputs), list(inputs[:5]), do)
         torch.cuda.synchronize()
     table = {}
     for event in prof.events():
@@ -195,7 +203,7 @@ def profile(length=8192):
             table[event.name] = table.get(event.name, 0.0) + event.device_time / 5 / 1000
     rows = sorted(table.items(), key=lambda item: -item[1])
     for name, ms in rows[:14]:
-        print(f"profile T={length}: {ms:7.3f} ms  {name[:90]}", flush=True)
+        print(f"profile{label} T={length}: {ms:7.3f} ms  {name[:90]}", flush=True)
     return rows
 
 
@@ -220,15 +228,18 @@ def markdown(meta, rows):
         "triton.testing.do_bench; peak = extra memory of one forward+backward (outputs and gradients included).",
         "fla `chunk_gla` is fed ReGLA's gate precomputed as log F (fp32), the paper's setup.",
         "",
-        "| T | B | ReGLA fwd / fwd+bwd ms | peak GB | fla chunk_gla fwd / fwd+bwd ms | peak GB | SDPA fwd / fwd+bwd ms | peak GB | fwd+bwd vs fla | vs SDPA | ReGLA GB/s fwd / fwd+bwd |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| T | B | ReGLA fwd / fwd+bwd ms | peak GB | fla chunk_gla fwd / fwd+bwd ms | peak GB | SDPA fwd / fwd+bwd ms | peak GB | fwd+bwd vs fla | vs SDPA | ReGLA GB/s fwd / fwd+bwd | ReGLA low_memory fwd / fwd+bwd ms | peak GB | vs fla |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        ratio = lambda key: f"{r['regla'][1] / r[key][1]:.2f}x" if "regla" in r and key in r else "n/a"
+        ratio = lambda key, of="regla": f"{r[of][1] / r[key][1]:.3f}x" if of in r and key in r else "n/a"
         gbps = f"{r['regla_fwd_GBps']:.0f} / {r['regla_fwd_bwd_GBps']:.0f}" if "regla" in r else "n/a"
-        lines.append(f"| {r['T']} | {r['B']} | {fmt(r, 'regla')} | {fmt(r, 'fla')} | {fmt(r, 'sdpa')} | {ratio('fla')} | {ratio('sdpa')} | {gbps} |")
+        lines.append(
+            f"| {r['T']} | {r['B']} | {fmt(r, 'regla')} | {fmt(r, 'fla')} | {fmt(r, 'sdpa')} | {ratio('fla')} | {ratio('sdpa')} | {gbps} "
+            f"| {fmt(r, 'regla_lm')} | {ratio('fla', 'regla_lm')} |"
+        )
     lines.append("")
-    lines.append("Ratios are ReGLA fwd+bwd time over the other's (lower is better).")
+    lines.append("Ratios are ReGLA fwd+bwd time over the other's (lower is better). low_memory: `chunk_regla(..., low_memory=True)`.")
     return "\n".join(lines) + "\n"
 
 
@@ -247,7 +258,7 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks"))
     parser.add_argument("--lengths", default="2048,4096,8192,16384,32768")
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--methods", default="regla,sdpa,fla", help="in this order per length")
+    parser.add_argument("--methods", default="regla,regla_lm,sdpa,fla", help="in this order per length")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-lengths", default="8192", help="lengths the --profile runs at")
     parser.add_argument("--gate", default="2,1", help="gate logit mean,std (default 2,1)")
@@ -278,6 +289,10 @@ def main():
     rows = bench([int(x) for x in args.lengths.split(",") if x], [m for m in args.methods.split(",") if m], write)
     if args.profile:
         result["profile"] = {length: profile(int(length)) for length in args.profile_lengths.split(",")}
+        if "regla_lm" in args.methods.split(","):
+            result["profile_low_memory"] = {
+                length: profile(int(length), regla_low_memory_call, " low_memory") for length in args.profile_lengths.split(",")
+            }
         write(rows)
     print(markdown(meta, rows), flush=True)
 

@@ -36,9 +36,11 @@ def draw(batch, length, heads, dk, dv, dtype, logit_scale, sequences, gen):
     return [q, k, v, z, u, h0]
 
 
-def run(backend, inputs, cu, weights):
+def run(backend, inputs, cu, weights, low_memory=False):
     leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
-    o, state = chunk_regla(*leaves[:5], initial_state=leaves[5], output_final_state=True, cu_seqlens=cu, backend=backend)
+    o, state = chunk_regla(
+        *leaves[:5], initial_state=leaves[5], output_final_state=True, cu_seqlens=cu, backend=backend, low_memory=low_memory
+    )
     loss = (o.double() * weights[0]).sum() + (state.double() * weights[1]).sum()
     loss.backward()
     return [o.detach(), state.detach()] + [x.grad for x in leaves]
@@ -48,7 +50,9 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
-def check(label, batch, length, heads, dk, dv, dtype, logit_scale=1.0, seqlens=None, seed=0):
+def check(label, batch, length, heads, dk, dv, dtype, logit_scale=1.0, seqlens=None, seed=0, low_memory=False):
+    """Triton against the torch reference in fp64 (forward, final state, every gradient). With
+    low_memory the windowed backward, which in fp32 must also equal the one-pass backward bit for bit."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     cu = None
     sequences = batch
@@ -63,10 +67,16 @@ def check(label, batch, length, heads, dk, dv, dtype, logit_scale=1.0, seqlens=N
     else:
         fast = float("nan")
     start = time.time()
-    got = run("triton", inputs, cu, weights)
+    got = run("triton", inputs, cu, weights, low_memory)
     torch.cuda.synchronize()
     ref = run("torch", [x.double() for x in inputs], cu, weights)
     errors = {name: rel(a, b) for name, a, b in zip(NAMES, got, ref)}
+    same = True
+    if low_memory:
+        one_pass = run("triton", inputs, cu, weights)
+        differ = [name for name, a, b in zip(NAMES, got, one_pass) if not torch.equal(a, b)]
+        same = dtype != torch.float32 or not differ
+        print(f"     {label}: low_memory differs from the one-pass backward in {differ or 'nothing'}", flush=True)
     finite = all(bool(torch.isfinite(a).all()) for a in got)
     bound = BOUNDS[dtype]
     if logit_scale == "saturated":
@@ -78,7 +88,7 @@ def check(label, batch, length, heads, dk, dv, dtype, logit_scale=1.0, seqlens=N
         checked = {n: e for n, e in errors.items() if n not in ("dgate", "drefine")}
     else:
         checked = errors
-    ok = finite and all(e < bound for e in checked.values())
+    ok = finite and same and all(e < bound for e in checked.values())
     text = " ".join(f"{n}={e:.1e}" for n, e in errors.items())
     print(f"{'PASS' if ok else 'FAIL'} {label:38s} bound {bound:.0e} finite={finite} fast={fast:.2f} {text} ({time.time() - start:.1f}s)", flush=True)
     return ok
@@ -141,7 +151,7 @@ def check_segments(label, batch, length, heads, d, dtype, segments, slots, gate_
     return report(label, dtype, [n for n in NAMES if n != "final_state"], got, ref)
 
 
-def check_strided(label, batch, length, heads, d, dtype, seqlens=None, seed=0):
+def check_strided(label, batch, length, heads, d, dtype, seqlens=None, seed=0, low_memory=False):
     """q, k, v, z, u as views of one [s, b, H, 5d] projection seen as [b, s] (Megatron's layout,
     read in place by the kernels) against the torch reference on contiguous fp64 copies: output,
     final state and the gradients of the projection and the initial state."""
@@ -157,7 +167,10 @@ def check_strided(label, batch, length, heads, d, dtype, seqlens=None, seed=0):
     def run_one(backend, cast):
         leaves = [cast(x).detach().requires_grad_(True) for x in (proj, h0)]
         pieces = leaves[0].transpose(0, 1).split(d, dim=-1)
-        o, state = chunk_regla(*pieces, initial_state=leaves[1], output_final_state=True, cu_seqlens=cu, backend=backend)
+        o, state = chunk_regla(
+            *pieces, initial_state=leaves[1], output_final_state=True, cu_seqlens=cu, backend=backend,
+            low_memory=low_memory and backend == "triton",
+        )
         loss = (o.double() * w_o).sum() + (state.double() * w_s).sum()
         return [o.detach(), state.detach(), *torch.autograd.grad(loss, leaves)]
 
@@ -209,10 +222,16 @@ def main():
         ("bf16 cu_seqlens [300,1000,77] H4 d128", 1, 1377, 4, 128, 128, torch.bfloat16, 1.0, [300, 1000, 77]),
         ("fp32 cu_seqlens [1,64,65,500] H2 d64", 1, 630, 2, 64, 64, torch.float32, 1.0, [1, 64, 65, 500]),
     ]
+    low_memory = [  # the windowed backward (chunk_regla(..., low_memory=True))
+        ("low memory bf16 B2 T8192 H4 d128", 2, 8192, 4, 128, 128, torch.bfloat16),
+        ("low memory fp32 B3 T1000 H4 d128", 3, 1000, 4, 128, 128, torch.float32),
+        ("low memory bf16 wide logits B2 T2048 H2", 2, 2048, 2, 128, 128, torch.bfloat16, 4.0),
+        ("low memory fp32 logits x2.5 B2 T1500 H2 d64", 2, 1500, 2, 64, 64, torch.float32, 2.5),
+    ]
     results = []
-    for seed, case in enumerate(cases):
+    for seed, case in enumerate(cases + low_memory):
         try:
-            results.append(check(*case, seed=seed))
+            results.append(check(*case, seed=seed, low_memory=seed >= len(cases)))
         except Exception as error:  # report and go on: one broken case must not hide the others
             cause = error
             while cause.__cause__ is not None:
@@ -229,7 +248,8 @@ def main():
             print(f"FAIL {label}: {type(error).__name__}: {str(error)[:300]}", flush=True)
             results.append(False)
     for label, *case in [("strided [s, b] projection bf16 B2 T1000 H4 d128", 2, 1000, 4, 128, torch.bfloat16),
-                         ("strided packed [100, 900, 27] fp32 H2 d64", 1, 1027, 2, 64, torch.float32, [100, 900, 27])]:
+                         ("strided packed [100, 900, 27] fp32 H2 d64", 1, 1027, 2, 64, torch.float32, [100, 900, 27]),
+                         ("strided low memory bf16 B4 T3000 H4 d128", 4, 3000, 4, 128, torch.bfloat16, None, 0, True)]:
         try:
             results.append(check_strided(label, *case))
         except Exception as error:

@@ -2,16 +2,17 @@
 # One device call (kind nvidia-h200), carry [".whl"] (and ".variants" for V= candidates), about
 # 6-8 minutes: what the next kernel changes depend on (benchmarks/NOTES_kernels.md, "Next").
 #   1. the GPU check of the working tree's kernels;
-#   2. the per-kernel profile at 8K, 16K and 32K (ReGLA alone);
+#   2. the per-kernel profile at 8K, 16K and 32K (ReGLA alone; METHODS=regla,regla_lm adds the
+#      low-memory backward, BENCH_LIMIT its time limit);
 #   3. launch candidates and code variants (CANDIDATES, `run_candidates` in gpu_env.sh);
 #   4. Nsight Compute (launch, occupancy, memory, warp-state sections) on dq/dk at 8K and on the
 #      carried-state output kernel at 32K: local-memory (spill) traffic against DRAM traffic;
 #   5. the dq/dk tile that crashed (4 warps, 32-wide key blocks) once under compute-sanitizer.
 set -u
 source benchmarks/gpu_env.sh
-if [ "${CHECK:-1}" = 1 ]; then timeout 150 python3 benchmarks/gpu_check_kernels.py > "$OUT/check.log" 2>&1; fi
+if [ "${CHECK:-1}" = 1 ]; then timeout "${CHECK_LIMIT:-150}" python3 benchmarks/gpu_check_kernels.py > "$OUT/check.log" 2>&1; fi
 PROFILE=${PROFILE-8192,16384,32768}
-timeout 120 python3 benchmarks/bench_kernels.py --out "$OUT/new" --lengths "${LENGTHS:-8192,16384,32768}" --methods regla \
+timeout "${BENCH_LIMIT:-120}" python3 benchmarks/bench_kernels.py --out "$OUT/new" --lengths "${LENGTHS:-8192,16384,32768}" --methods "${METHODS:-regla}" \
   ${PROFILE:+--profile --profile-lengths $PROFILE} 2>&1 | grep -v -i warn > "$OUT/new.log"
 run_candidates
 SECTIONS="--section LaunchStats --section Occupancy --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section WarpStateStats --section SchedulerStats"
@@ -31,7 +32,7 @@ if [ "${NCU:-1}" = 1 ]; then
   cd ..
 fi
 echo "== check"; grep -E "FAIL|passed" "$OUT/check.log" 2>/dev/null | cut -c1-300
-echo "== new"; grep -E "^regla T=|profile|Error" "$OUT/new.log" | cut -c1-130
+echo "== new"; grep -E "^regla(_lm)? T=|profile|Error" "$OUT/new.log" | cut -c1-130
 cat "$OUT/candidates.log" 2>/dev/null | cut -c1-200
 for f in "$OUT"/ncu_*.log; do
   echo "== $f"; grep -E "Duration|Registers Per|Local Memory|Achieved Occupancy|Theoretical Occupancy|DRAM Throughput|Memory Throughput|L1/TEX Hit|L2 Hit|Compute \(SM\) Throughput|Issue Slots Busy|No Eligible|Block Limit" "$f" | cut -c1-130

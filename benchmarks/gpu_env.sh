@@ -19,7 +19,7 @@ run_mixer() {
 
 # Launch candidates, each in its own process (a CUDA error in one cannot poison the next):
 # CANDIDATES "[V=<variant>] [T=<length>] key=value ...;..." (';'-separated). T defaults to
-# CAND_LENGTHS (8192); V=name runs .variants/name/regla_kernels (an ignored copy of kernels/ with
+# CAND_LENGTHS (8192), the methods CAND_METHODS (regla); V=name runs .variants/name/regla_kernels (an ignored copy of kernels/ with
 # a code change) instead of the working tree's. Appends to $OUT/candidates.log.
 run_candidates() {
   local cand length variant settings path
@@ -30,7 +30,7 @@ run_candidates() {
     settings=$(sed 's/T=[0-9]*//; s/V=[A-Za-z0-9_]*//' <<< "$cand")
     path=$PYTHONPATH; [ -n "$variant" ] && path=$PWD/.variants/$variant:$PYTHONPATH
     echo "== candidate ${variant:+V=$variant }T=$length $settings" >> "$OUT/candidates.log"
-    PYTHONPATH=$path timeout 60 python3 benchmarks/bench_kernels.py --out "$OUT/cand" --lengths "$length" --methods regla \
-      --launch $settings 2>&1 | grep -E "^regla T=|Error" >> "$OUT/candidates.log"
+    PYTHONPATH=$path timeout 60 python3 benchmarks/bench_kernels.py --out "$OUT/cand" --lengths "$length" --methods "${CAND_METHODS:-regla}" \
+      --launch $settings 2>&1 | grep -E "^regla(_lm)? T=|Error" >> "$OUT/candidates.log"
   done
 }

@@ -72,7 +72,7 @@ def kernel_jobs(dtype="bf16", d=128, carry=False, warps=None, fast_output_bv=Non
                 h0_ptr=f32, ht_ptr=f32, dht_ptr=f32, dh0_ptr=f32, bend_ptr=f32, hadd_ptr=f32, hdecay_ptr=f32,
                 dhadd_ptr=f32, dhdecay_ptr=f32, qmax_ptr=f32, da_ptr=p if dtype == "bf16" else f32, scale="fp32", H="i32")
     # input strides (`triton_chunk._layout`): Megatron's [s, b] projection views, divisible by 16
-    args.update({name: "i32" for name in ("R_T", "R_N", "S_T", "S_N", "S_H", "V_T", "V_N", "V_H", "Z_T", "Z_N", "Z_H")})
+    args.update({name: "i32" for name in ("R_T", "R_N", "BSHIFT", "S_T", "S_N", "S_H", "V_T", "V_N", "V_H", "Z_T", "Z_N", "Z_H")})
     args["reach_ptr"] = "*i8" if carry else f32  # without a carried state the runtime passes a placeholder
     fast_bv = dict(BV=fast_bwd_bv or launch["fast_dqk_block_v"])
     states = dict(DK=d, DV=d, C=tc.CHUNK_SIZE, BK=min(d, launch["states_block_k"]), BV=min(d, launch["states_block_v"]), DT=dt)

@@ -14,7 +14,8 @@ Stages (kernels in `triton_stages.py` and `triton_fast.py`):
             chunk_bwd_dv_fast (dv and the score gradient dA) + chunk_bwd_dqk_fast /
             chunk_bwd_main (parallel, by flag; a work list too): dq, dk, dv and both gate-logit
             gradients
-No pass runs outside the kernels.
+No pass runs outside the kernels. With low_memory (`_ChunkReGLATritonWindowed`) the backward
+runs these stages per time window, b recomputed per window instead of kept from the forward.
 
 Layout [B, T, H, D] (or B = 1 with `cu_seqlens`), any strides with contiguous features (read in
 place: Megatron's [s, b] activations as [b, s] views need no copy, see `_layout`), any T
@@ -54,7 +55,9 @@ LAUNCH = {
     "gates_warps": 1,
     "gates_stages": 2,  # loads in flight in the gates kernel's walk over a chunk's tokens
     "states_warps": 4,
-    "states_stages": 2,
+    # Loads in flight in the sequential state passes: 3 took 16K from 5.89-5.91 to 5.80-5.82 ms
+    # (H200, bf16, 64K tokens, H 16, d 128; benchmarks/runs/s7_call1, s7_call2), the same elsewhere.
+    "states_stages": 3,
     "output_warps": 8,
     "bwd_warps": 8,
     "block_v": 64,  # sub-chunk output kernel
@@ -97,7 +100,8 @@ LAUNCH = {
     # B = 2 (64 programs) 10.28 -> 10.18 as 4; B = 4 (128 programs) 9.23 -> 10.09 as 2 (hence
     # the lower bound). 0 = off.
     "segment_below_programs": 66,
-    "segment_min_programs": 264,
+    # 132: 4 segments at 32K (B = 2), 6.45 -> 6.36 ms against 8 (benchmarks/runs/s7_call3).
+    "segment_min_programs": 132,
     # Register caps (ptxas maxnreg) per kernel, 0 = none: a cap trades spills for more programs
     # per multiprocessor.
     "gates_maxnreg": 0,
@@ -108,6 +112,9 @@ LAUNCH = {
     # Without a carried state the kernel needs 128 anyway.
     "fast_dv_maxnreg": 128,
     "fast_dqk_maxnreg": 0,
+    # Windows of the low-memory backward (`chunk_regla(..., low_memory=True)`,
+    # `_ChunkReGLATritonWindowed`): its peak holds b, h, dh and dA of one window.
+    "backward_windows": 8,
 }
 POISON = os.environ.get("REGLA_TRITON_POISON", "0") == "1"
 
@@ -366,18 +373,20 @@ def _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, h_carry=
     return o, q_max
 
 
-def _bwd_dstates(q, q_max, b, do, dht, cu, offsets, scale, total, dv, order=None):
-    """dh (gradient at every chunk end, h's dtype) and dh0 (at each sequence start, fp32 [N, H, dk, dv]).
-    do: contiguous [T, H, dv]."""
+def _bwd_dstates(q, q_max, b, do, dht, cu, offsets, scale, total, dv, order=None, b_shift=0, dh0=None):
+    """dh (gradient at every chunk end, h's dtype) and dh0 (at each sequence start, fp32 [N, H, dk, dv];
+    `dh0` preallocated, which may be dht itself). do: contiguous [T, H, dv]. b_shift: b's rows are
+    `order`'s less n * b_shift (`sequence_gates`)."""
     tokens, heads, dk = _dims(q)
     order = (heads, 0) if order is None else order
     n = cu.numel() - 1
     dh = _empty(total, heads, dk, dv, device=q.device, dtype=_state_dtype(q.dtype))
-    dh0 = _empty(n, heads, dk, dv, device=q.device, dtype=torch.float32)
+    if dh0 is None:
+        dh0 = _empty(n, heads, dk, dv, device=q.device, dtype=torch.float32)
     bk, bv = _state_blocks(dk, dv, n * heads)
     chunk_bwd_dstates_kernel[((dk // bk) * (dv // bv), n * heads)](
         q, q_max, b, do, dht if dht is not None else dh0, dh, dh0, cu, offsets, scale,
-        heads, *order, *_layout(q), DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=bv, HAS_DHT=dht is not None, DT=_dot_dtype(q.dtype),
+        heads, *order, b_shift, *_layout(q), DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=bv, HAS_DHT=dht is not None, DT=_dot_dtype(q.dtype),
         num_warps=LAUNCH["states_warps"], num_stages=LAUNCH["states_stages"], **_register_cap("states"),
     )
     return dh, dh0
@@ -385,30 +394,35 @@ def _bwd_dstates(q, q_max, b, do, dht, cu, offsets, scale, total, dv, order=None
 
 def _bwd_main(
     q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total, h_carry=None, dh_carry=None, order=None, work=None,
+    b_shift=0, out=None,
 ):
     """dq, dk, dv, dz, du (each contiguous [T, H, D] in its input's dtype) from h and dh (plus
-    `h_carry`, `dh_carry`, see `_carried`). do: contiguous [T, H, dv]. `work`: as in `_fwd_output`."""
+    `h_carry`, `dh_carry`, see `_carried`). do: contiguous [T, H, dv]. `work`: as in `_fwd_output`.
+    b_shift: as in `_bwd_dstates`. `out`: the five gradients preallocated (views the kernels
+    write at `order`'s rows)."""
     tokens, heads, dk = _dims(q)
     order = (heads, 0) if order is None else order
     dv = v.shape[-1]
     dt = _dot_dtype(q.dtype)
     h_add, h_decay, _, has_h_add = _carried(h_carry, b)
     dh_add, dh_decay, dh_reach, has_dh_add = _carried(dh_carry, b)
-    dq, dk_, dz, du, dv_ = (_empty(tokens, heads, x.shape[-1], device=x.device, dtype=x.dtype) for x in (q, k, z, u, v))
+    if out is None:
+        out = tuple(_empty(tokens, heads, x.shape[-1], device=x.device, dtype=x.dtype) for x in (q, k, v, z, u))
+    dq, dk_, dv_, dz, du = out
     if _fast_limit() >= 0:
         score_grad = torch.empty(total, heads, CHUNK_SIZE, CHUNK_SIZE, device=q.device, dtype=_state_dtype(q.dtype))
         fast_dh_add = _product_state(dh_add, has_dh_add, q.dtype)
         for carry in _carry_launches(has_dh_add):
             chunk_bwd_dv_fast_kernel[(total, heads)](
                 q, k, v, b, flags, key_max, dh, fast_dh_add, dh_decay, dh_reach, do, dv_, score_grad, table, cu, scale,
-                heads, *order, *_layout(q), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, BV=min(dv, LAUNCH["fast_dv_block_v"]), DT=dt,
+                heads, *order, b_shift, *_layout(q), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, BV=min(dv, LAUNCH["fast_dv_block_v"]), DT=dt,
                 CARRY=carry, num_warps=LAUNCH["fast_dv_warps"], num_stages=LAUNCH["fast_dv_stages"], **_register_cap("fast_dv"),
             )
         bk = min(dk, LAUNCH["fast_dqk_block_k"])
         chunk_bwd_dqk_fast_kernel[(dk // bk, total, heads)](
             q, k, v, z, u, b, flags, key_max, q_max, score_grad, h, h_add, h_decay, dh, dh_add, dh_decay, do,
             dq, dk_, dz, du, table, cu, scale,
-            heads, *order, *_layout(q), *_layout(v), *_layout(z), DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=min(dv, LAUNCH["fast_dqk_block_v"]), DT=dt,
+            heads, *order, b_shift, *_layout(q), *_layout(v), *_layout(z), DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=min(dv, LAUNCH["fast_dqk_block_v"]), DT=dt,
             HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, num_warps=LAUNCH["fast_dqk_warps"], num_stages=LAUNCH["fast_dqk_stages"],
             **_register_cap("fast_dqk"),
         )
@@ -416,7 +430,7 @@ def _bwd_main(
     chunk_bwd_main_kernel[(_slow_programs(total, heads),)](
         q, k, v, z, u, b, flags, key_max, h, h_add, h_decay, dh, dh_add, dh_decay, do, dq, dk_, dv_, dz, du, table, cu,
         _slow_chunks(flags) if work is None else work, scale,
-        heads, *order, *_layout(q), *_layout(v), *_layout(z), DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BV=_bwd_block_v(dv), DT=tl.float32,
+        heads, *order, b_shift, *_layout(q), *_layout(v), *_layout(z), DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BV=_bwd_block_v(dv), DT=tl.float32,
         DIAG_LIMIT=LAUNCH["diag_limit"], HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, num_warps=LAUNCH["bwd_warps"], num_stages=1,
     )
     return dq, dk_, dv_, dz, du
@@ -442,6 +456,15 @@ def _from_rows(flat: torch.Tensor, batch: int, length: int, minor: bool) -> torc
     return flat.view(batch, length, *flat.shape[1:])
 
 
+def _output_grad(do, like_rows: int, like: torch.Tensor) -> torch.Tensor:
+    """do as the kernels read it (contiguous rows), zeros when autograd passed None (o unused:
+    the Functions do not materialize the gradients of unused outputs, which for an unused final
+    state would be a zero-filled fp32 [N, H, dk, dv] buffer)."""
+    if do is None:
+        return torch.zeros(like_rows, like.shape[-2], like.shape[-1], device=like.device, dtype=like.dtype)
+    return do.contiguous()
+
+
 class _ChunkReGLATriton(torch.autograd.Function):
     """q, k, v, z, u [B, T, H, D]; o as [B * T, H, dv] in `_row_order` (Megatron's [s, b] order
     when `minor`), the input gradients as [B, T, H, D] views of that order."""
@@ -454,6 +477,7 @@ class _ChunkReGLATriton(torch.autograd.Function):
         work = _slow_chunks(flags)  # the backward walks the same list
         o, q_max = _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, order=order, work=work)
         del h
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, z, u, b, flags, key_max, q_max, h0, cu, offsets, table, work)
         ctx.scale, ctx.total, ctx.minor = scale, total, minor
         ctx.h0_dtype = None if h0 is None else h0.dtype
@@ -464,7 +488,7 @@ class _ChunkReGLATriton(torch.autograd.Function):
         q, k, v, z, u, b, flags, key_max, q_max, h0, cu, offsets, table, work = ctx.saved_tensors
         scale, total = ctx.scale, ctx.total
         order = _row_order(q.shape[0], q.shape[1], q.shape[2], ctx.minor)
-        do = do.contiguous()
+        do = _output_grad(do, q.shape[0] * q.shape[1], v)
         dht = None if dht is None else dht.float().contiguous()
         h, _ = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, False, order=order)
         dh, dh0 = _bwd_dstates(q, q_max, b, do, dht, cu, offsets, scale, total, v.shape[-1], order=order)
@@ -472,6 +496,93 @@ class _ChunkReGLATriton(torch.autograd.Function):
         grads = [_from_rows(g, q.shape[0], q.shape[1], ctx.minor) for g in grads]
         dinit = None if h0 is None else dh0.to(ctx.h0_dtype)
         return (*grads, None, None, dinit, None, None, None, None, None)
+
+
+def _window_chunks(chunks: int) -> int:
+    """Chunks per window of the low-memory backward (LAUNCH["backward_windows"] windows, or fewer
+    when the sequences have fewer chunks)."""
+    return -(-chunks // max(1, min(LAUNCH["backward_windows"], chunks)))
+
+
+def _window_order(batch: int, length: int, window: int, heads: int, minor: bool) -> Tuple[int, int]:
+    """(R_T, R_N) that address the whole per-token tensors (do, the query max, the gradients;
+    pointers at the window's first token) with the tables of a window of `window` tokens of
+    every sequence: token t of sequence n is then n * window + t (`triton_stages.token_rows`)."""
+    row_t, row_n = _row_order(batch, length, heads, minor)
+    return row_t, row_n + (length - window) * row_t
+
+
+class _ChunkReGLATritonWindowed(torch.autograd.Function):
+    """`_ChunkReGLATriton` with a backward over time windows (the same window of every sequence,
+    last to first), for memory: b (fp32, as large as two bf16 inputs) is not kept from the
+    forward but recomputed per window, and the chunk-start states h, their gradients dh and the
+    score gradients exist for one window at a time. The forward keeps each window's start state
+    instead (h at that chunk, as the forward stored it). Each window's state pass starts from it,
+    its state-gradient pass from the gradient the later window handed back; the state passes keep
+    all sequences and heads in parallel, so the cost is the b recompute and more launches."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, window_chunks):
+        batch, length = q.shape[:2]
+        order = _row_order(batch, length, q.shape[2], minor)
+        b, _, flags, key_max = _gates(z, u, k, cu, table, total, key_max, order=order)
+        h, ht = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, True, order=order)
+        o, q_max = _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, order=order)
+        chunks = total // batch
+        starts = h.view(batch, chunks, *h.shape[1:])[:, window_chunks::window_chunks].transpose(0, 1).contiguous()
+        del h, b
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, k, v, z, u, key_max, q_max, h0, starts)
+        ctx.scale, ctx.minor, ctx.window = scale, minor, window_chunks * CHUNK_SIZE
+        ctx.h0_dtype = None if h0 is None else h0.dtype
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, z, u, key_max, q_max, h0, starts = ctx.saved_tensors
+        batch, length, heads, _ = q.shape
+        row_t = _row_order(batch, length, heads, ctx.minor)[0]
+        do = _output_grad(do, batch * length, v)
+        grads = [_empty(batch * length, heads, x.shape[-1], device=x.device, dtype=x.dtype) for x in (q, k, v, z, u)]
+        dstate = None if dht is None else dht.float().contiguous()
+        for index in reversed(range(-(-length // ctx.window))):
+            first, window = index * ctx.window, min(ctx.window, length - index * ctx.window)
+            last = first + window == length  # its dht is autograd's (or None), the others' our own buffer
+            dstate = _window_backward(
+                [x[:, first : first + window] for x in (q, k, v, z, u)],
+                [x.view(-1, x.shape[-1])[first * row_t :] for x in (do, q_max.view(-1, 1), *grads)],
+                key_max, h0 if index == 0 else starts[index - 1], dstate, ctx.scale, length, ctx.minor, in_place=not last,
+            )
+        grads = [_from_rows(g, batch, length, ctx.minor) for g in grads]
+        dinit = None if h0 is None else dstate.to(ctx.h0_dtype)
+        return (*grads, None, None, dinit, None, None, None, None, None, None)
+
+
+def _window_backward(inputs, rows, key_max, start_state, dht, scale, length, minor, in_place):
+    """One window of `_ChunkReGLATritonWindowed.backward`: the gradients of its tokens written into
+    the whole gradient tensors. inputs: q, k, v, z, u of the window ([B, W, H, D] views); rows:
+    do, the query max and the five gradients as flat views from the window's first row. Returns
+    the state gradient at the window's start (fp32 [B, H, dk, dv]), the later window's dht; with
+    in_place written over dht (each state-pass program reads its block of dht before it writes
+    that block), which saves a state-sized buffer."""
+    q, k, v, z, u = inputs
+    do, q_max, *grads = rows
+    batch, window, heads, _ = q.shape
+    cu, offsets, table, total = _regular_tables(batch, window, q.device)
+    order = _window_order(batch, length, window, heads, minor)
+    b_order = _row_order(batch, window, heads, minor)  # b of this window only
+    b, _, flags, _ = _gates(z, u, k, cu, table, total, key_max, order=b_order)
+    h, _ = _fwd_states(k, v, b, key_max, start_state, cu, offsets, total, False, order=b_order)
+    b_shift = order[1] - b_order[1]
+    dh, dh_start = _bwd_dstates(
+        q, q_max, b, do, dht, cu, offsets, scale, total, v.shape[-1], order=order, b_shift=b_shift,
+        dh0=dht if in_place and dht is not None else None,
+    )
+    _bwd_main(
+        q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total, order=order, b_shift=b_shift,
+        out=tuple(grads),
+    )
+    return dh_start
 
 
 def fast_chunk_mask(gate_logits: torch.Tensor, refine_logits: torch.Tensor, limit: Optional[float] = None) -> torch.Tensor:
@@ -533,19 +644,27 @@ def chunk_regla_triton(
     initial_state: Optional[torch.Tensor] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     output_final_state: bool = True,
+    low_memory: bool = False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Backend function of `chunk_regla` (see chunk.py for the contract).
+
+    low_memory: the backward over time windows (`_ChunkReGLATritonWindowed`), never as segments.
 
     Returns o [B, T, H, dv] in q's dtype and the final state [N, H, dk, dv] in fp32 (None
     when output_final_state is False and the sequences went as segments, see
     LAUNCH["segment_min_programs"]).
     """
     _check(q, v)
+    if low_memory and cu_seqlens is not None:
+        raise NotImplementedError(
+            "chunk_regla: low_memory=True is not implemented for packed sequences (cu_seqlens); "
+            "use low_memory=False there, or a [B, T] batch"
+        )
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
     dtype = q.dtype
     k, v, gate_logits, refine_logits = (x.to(dtype) for x in (k, v, gate_logits, refine_logits))
-    segments = 1 if cu_seqlens is not None or output_final_state else _segments_per_sequence(batch, heads, dk, dv, length)
+    segments = 1 if cu_seqlens is not None or output_final_state or low_memory else _segments_per_sequence(batch, heads, dk, dv, length)
     if segments > 1:
         return _by_segments(q, k, v, gate_logits, refine_logits, scale, key_max, initial_state, segments), None
     if cu_seqlens is None:
@@ -561,12 +680,15 @@ def chunk_regla_triton(
         key_max = key_max.detach().float().contiguous()
     h0 = None if initial_state is None else initial_state.contiguous()
     minor = cu_seqlens is None and _batch_minor(q)
-    o, state = _ChunkReGLATriton.apply(
-        q, k, v, gate_logits, refine_logits, float(scale), key_max, h0, cu, offsets, table, total, minor
-    )
+    args = (q, k, v, gate_logits, refine_logits, float(scale), key_max, h0, cu, offsets, table, total, minor)
+    if low_memory:
+        o, state = _ChunkReGLATritonWindowed.apply(*args, _window_chunks(total // batch))
+    else:
+        o, state = _ChunkReGLATriton.apply(*args)
     return _from_rows(o, batch, length, minor), state
 
 
 chunk_regla_triton.supports_cu_seqlens = True
 chunk_regla_triton.computes_key_max = True
 chunk_regla_triton.optional_final_state = True
+chunk_regla_triton.supports_low_memory = True

@@ -35,6 +35,8 @@ from .triton_stages import (
     load_query_features,
     load_query_features_cols,
     load_state,
+    load_value_rows,
+    sequence_gates,
     store_gate_grads,
 )
 
@@ -131,7 +133,7 @@ def chunk_fwd_output_fast_kernel(
 def chunk_bwd_dv_fast_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, flag_ptr, kmax_ptr, dh_ptr, dhadd_ptr, dhdecay_ptr, reach_ptr, do_ptr, dv_ptr, da_ptr,
     table_ptr, cu_ptr, scale,
-    H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+    H, R_T, R_N, BSHIFT, S_T, S_N, S_H, V_T, V_N, V_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
     DT: tl.constexpr, CARRY: tl.constexpr,
 ):
     """dv = (scale tril(Q~ K~^T))^T do + k_end dh for one safe chunk and head (BV value columns
@@ -141,6 +143,7 @@ def chunk_bwd_dv_fast_kernel(
     ic = tl.program_id(0)
     head = tl.program_id(1)
     n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, R_T, R_N, C)
+    b_ptr = sequence_gates(b_ptr, n, BSHIFT, DK)
     rc = tl.arange(0, C)
     rk = tl.arange(0, DK)
     if fast != 0 and carry_launch_takes(reach_ptr, ic, head, H, REACHED_FROM_END, CARRY):
@@ -158,8 +161,7 @@ def chunk_bwd_dv_fast_kernel(
         dA = tl.zeros([C, C], dtype=tl.float32)
         for iv in range(DV // BV):
             rv = iv * BV + tl.arange(0, BV)
-            do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
-            v = tl.load(v_ptr + vrows[:, None] + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
+            v, do = load_value_rows(v_ptr, do_ptr, vrows, rows, mask, rv, DV, DT)
             dh = load_state(dh_ptr, ic, n, head, H, rk, rv, DK, DV, dhadd_ptr, dhdecay_ptr, False).to(DT)
             dv = tl.dot(At, do) + tl.dot(k_end, dh)
             if HAS_DHADD:
@@ -174,7 +176,7 @@ def chunk_bwd_dv_fast_kernel(
 def chunk_bwd_dqk_fast_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, u_ptr, b_ptr, flag_ptr, kmax_ptr, qmax_ptr, da_ptr, h_ptr, hadd_ptr, hdecay_ptr,
     dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dq_ptr, dk_ptr, dz_ptr, du_ptr, table_ptr, cu_ptr, scale,
-    H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, Z_T, Z_N, Z_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+    H, R_T, R_N, BSHIFT, S_T, S_N, S_H, V_T, V_N, V_H, Z_T, Z_N, Z_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, HAS_HADD: tl.constexpr, HAS_DHADD: tl.constexpr,
 ):
     """dq, dk and both gate-logit gradients of one safe chunk, one head, BK key features
@@ -184,32 +186,50 @@ def chunk_bwd_dqk_fast_kernel(
     ic = tl.program_id(1)
     head = tl.program_id(2)
     n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, R_T, R_N, C)
+    b_ptr = sequence_gates(b_ptr, n, BSHIFT, DK)
     rc = tl.arange(0, C)
     rk = ik * BK + tl.arange(0, BK)
     cols = rk[None, :]
     if fast != 0:
         qrows = input_rows(start + rc, n, head, S_T, S_N, S_H)
         vrows = input_rows(start + rc, n, head, V_T, V_N, V_H)
-        # The state products first, on h and dh as stored (the gate factor exp(b_r) scales dq's
-        # columns after), b and the feature tiles loaded after them: fewer registers live across
-        # the loop (H200, 8K: 5.66 -> 5.59 ms fwd+bwd, benchmarks/runs/s6_call3).
         dq_state = tl.zeros([C, BK], dtype=tl.float32)
         dk_state = tl.zeros([C, BK], dtype=tl.float32)
         g_h = tl.zeros([BK], dtype=tl.float32)
+        # Without carried states, the state products come first, on h and dh as stored (exp(b_r)
+        # scales dq's columns after), b and the feature tiles loaded after them: fewer registers
+        # live across the loop (H200, 8K: 5.66 -> 5.59 ms, benchmarks/runs/s6_call3). With carried
+        # states (segments, context parallelism) that order costs 0.35 ms (32K as segments: 6.45
+        # against 6.10 ms, runs/s7_call3), so there b comes first and the state tiles (stored plus
+        # carried, fp32) are scaled before the product.
+        CARRIED: tl.constexpr = HAS_HADD or HAS_DHADD
+        if CARRIED:
+            b, b_end, b_ref, k_t32 = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, R_T, R_N, start, eos, rows, qrows, mask, rk, DK, C)
+            decay_ref = tl.exp(b_ref)
         for iv in range(DV // BV):
             rv = iv * BV + tl.arange(0, BV)
-            v = tl.load(v_ptr + vrows[:, None] + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
-            do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
-            h = load_state(h_ptr, ic, n, head, H, rk, rv, DK, DV, hadd_ptr, hdecay_ptr, HAS_HADD).to(DT)
-            dh = load_state(dh_ptr, ic, n, head, H, rk, rv, DK, DV, dhadd_ptr, dhdecay_ptr, HAS_DHADD).to(DT)
-            dq_state += tl.dot(do, tl.trans(h))
-            dk_state += tl.dot(v, tl.trans(dh))
-            g_h += tl.sum(h.to(tl.float32) * dh.to(tl.float32), axis=1)
+            v, do = load_value_rows(v_ptr, do_ptr, vrows, rows, mask, rv, DV, DT)
+            h = load_state(h_ptr, ic, n, head, H, rk, rv, DK, DV, hadd_ptr, hdecay_ptr, HAS_HADD)
+            dh = load_state(dh_ptr, ic, n, head, H, rk, rv, DK, DV, dhadd_ptr, dhdecay_ptr, HAS_DHADD)
+            if CARRIED:
+                dq_state += tl.dot(do, tl.trans((h * decay_ref[:, None]).to(DT)))
+                dk_state += tl.dot(v, tl.trans(dh.to(DT)))
+                g_h += tl.sum(h * dh, axis=1)
+            else:
+                h = h.to(DT)
+                dh = dh.to(DT)
+                dq_state += tl.dot(do, tl.trans(h))
+                dk_state += tl.dot(v, tl.trans(dh))
+                g_h += tl.sum(h.to(tl.float32) * dh.to(tl.float32), axis=1)
         dA = tl.load(da_ptr + (ic.to(tl.int64) * H + head) * C * C + rc[:, None] * C + rc[None, :])
-        b, b_end, b_ref, k_t32 = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, R_T, R_N, start, eos, rows, qrows, mask, rk, DK, C)
+        if not CARRIED:
+            b, b_end, b_ref, k_t32 = key_side(k_ptr, kmax_ptr, b_ptr, n, head, H, R_T, R_N, start, eos, rows, qrows, mask, rk, DK, C)
         k_t = k_t32.to(DT)
         q_t = load_query_features_cols(q_ptr, qmax_ptr, qrows, rows, mask, rk, b - b_ref[None, :]).to(DT)
-        dq = q_t.to(tl.float32) * tl.dot(dA, k_t, dq_state * (tl.exp(b_ref) * scale)[None, :])
+        if CARRIED:
+            dq = q_t.to(tl.float32) * (dq_state * scale + tl.dot(dA, k_t))
+        else:
+            dq = q_t.to(tl.float32) * tl.dot(dA, k_t, dq_state * (tl.exp(b_ref) * scale)[None, :])
         tl.store(dq_ptr + rows[:, None] * DK + cols, dq.to(dq_ptr.dtype.element_ty), mask=mask[:, None])
         dk_scores = k_t.to(tl.float32) * tl.dot(tl.trans(dA), q_t)
         dk_end = k_t32 * tl.exp(b_end - b_ref)[None, :] * dk_state  # phi_k exp(b_end - b) dk_state

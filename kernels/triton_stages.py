@@ -94,6 +94,23 @@ def token_rows(tok, n, head, R_T, R_N):
 
 
 @triton.jit
+def sequence_gates(b_ptr, n, BSHIFT, DK: tl.constexpr):
+    """b_ptr for sequence n's rows. b is addressed by `token_rows` like the other per-token
+    tensors, less n * BSHIFT rows: a backward over time windows keeps b for its window only
+    while do and the gradients stay whole (`triton_chunk._WindowedBackward`); 0 otherwise."""
+    return b_ptr - n.to(tl.int64) * BSHIFT * DK
+
+
+@triton.jit
+def load_value_rows(v_ptr, do_ptr, vrows, rows, mask, rv, DV: tl.constexpr, DT: tl.constexpr):
+    """v (strided input rows vrows) and do (`token_rows` rows) [C, len(rv)] of a chunk in DT, 0 on
+    padding rows."""
+    v = tl.load(v_ptr + vrows[:, None] + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
+    do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
+    return v, do
+
+
+@triton.jit
 def load_query_features(q_ptr, qrows, mask, DK: tl.constexpr, log_decay):
     """(phi_q * exp(log_decay) = exp(q - rowmax q + log_decay) [C, DK] fp32, 0 on padding rows;
     rowmax q [C] fp32). log_decay: a gate exponent broadcast to [C, DK] (0.0 for none), folded
@@ -404,7 +421,7 @@ def chunk_fwd_output_kernel(
 @triton.jit
 def chunk_bwd_dstates_kernel(
     q_ptr, qmax_ptr, b_ptr, do_ptr, dht_ptr, dh_ptr, dh0_ptr, cu_ptr, choff_ptr, scale,
-    H, R_T, R_N, S_T, S_N, S_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    H, R_T, R_N, BSHIFT, S_T, S_N, S_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_DHT: tl.constexpr, DT: tl.constexpr,
 ):
     """Reverse over chunks, one (BK x BV) block: dh[chunk] = dL/d(state at the chunk end);
@@ -421,6 +438,7 @@ def chunk_bwd_dstates_kernel(
     rv = iv * BV + tl.arange(0, BV)
     rc = tl.arange(0, C)
     tile = rk[:, None] * DV + rv[None, :]
+    b_ptr = sequence_gates(b_ptr, n, BSHIFT, DK)
     dstate = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
         dstate += tl.load(dht_ptr + nh.to(tl.int64) * DK * DV + tile).to(tl.float32)
@@ -444,7 +462,7 @@ def chunk_bwd_dstates_kernel(
 def chunk_bwd_main_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, u_ptr, b_ptr, flag_ptr, kmax_ptr, h_ptr, hadd_ptr, hdecay_ptr,
     dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, dz_ptr, du_ptr, table_ptr, cu_ptr, work_ptr, scale,
-    H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, Z_T, Z_N, Z_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+    H, R_T, R_N, BSHIFT, S_T, S_N, S_H, V_T, V_N, V_H, Z_T, Z_N, Z_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
     S: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, DIAG_LIMIT: tl.constexpr, HAS_HADD: tl.constexpr,
     HAS_DHADD: tl.constexpr,
 ):
@@ -457,6 +475,7 @@ def chunk_bwd_main_kernel(
     for w in range(tl.program_id(0), tl.load(work_ptr), tl.num_programs(0)):
         ic, head = work_item(work_ptr, w, H)
         n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, R_T, R_N, C)
+        gates = sequence_gates(b_ptr, n, BSHIFT, DK)
         rc = tl.arange(0, C)
         rk = tl.arange(0, DK)
         cols = rk[None, :]
@@ -465,7 +484,7 @@ def chunk_bwd_main_kernel(
         qrows = input_rows(start + rc, n, head, S_T, S_N, S_H)
         vrows = input_rows(start + rc, n, head, V_T, V_N, V_H)
         phi_q, phi_k, bw, b, b_end, key_max, A, _ = sub_chunk_scores(
-            q_ptr, k_ptr, b_ptr, kmax_ptr, n, head, H, R_T, R_N, rows, qrows, mask, start, eos, S_T, S_N, S_H, C, S, DK, DT, DIAG_LIMIT
+            q_ptr, k_ptr, gates, kmax_ptr, n, head, H, R_T, R_N, rows, qrows, mask, start, eos, S_T, S_N, S_H, C, S, DK, DT, DIAG_LIMIT
         )
         At = tl.trans((A * scale).to(DT))
 
@@ -474,8 +493,7 @@ def chunk_bwd_main_kernel(
         dq_state = tl.zeros([C, DK], dtype=tl.float32)
         for iv in range(DV // BV):
             rv = iv * BV + tl.arange(0, BV)
-            v = tl.load(v_ptr + vrows[:, None] + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
-            do = tl.load(do_ptr + rows[:, None] * DV + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
+            v, do = load_value_rows(v_ptr, do_ptr, vrows, rows, mask, rv, DV, DT)
             h = load_state(h_ptr, ic, n, head, H, rk, rv, DK, DV, hadd_ptr, hdecay_ptr, HAS_HADD).to(DT)
             dh = load_state(dh_ptr, ic, n, head, H, rk, rv, DK, DV, dhadd_ptr, dhdecay_ptr, HAS_DHADD).to(DT)
             dA += tl.dot(do, tl.trans(v))
@@ -505,7 +523,7 @@ def chunk_bwd_main_kernel(
                 smask = (src < eos) & (within >= jd)
                 krow = input_rows(src, n, head, S_T, S_N, S_H)
                 kj = tl.load(k_ptr + krow[:, None] + cols, mask=smask[:, None], other=0.0).to(tl.float32)
-                bj = tl.load(b_ptr + token_rows(src, n, head, R_T, R_N)[:, None] * DK + cols, mask=smask[:, None], other=0.0)
+                bj = tl.load(gates + token_rows(src, n, head, R_T, R_N)[:, None] * DK + cols, mask=smask[:, None], other=0.0)
                 dAj = tl.sum(tl.where(rc[None, :] == col[:, None], dA, 0.0), axis=1)
                 dQ += tl.where(smask[:, None], dAj[:, None] * tl.exp(kj - key_max + tl.minimum(b - bj, 0.0)), 0.0)
         tl.store(dq_ptr + rows[:, None] * DK + cols, (dQ * phi_q).to(dq_ptr.dtype.element_ty), mask=mask[:, None])
@@ -547,7 +565,7 @@ def chunk_bwd_main_kernel(
                 qrow = input_rows(src, n, head, S_T, S_N, S_H)
                 qj = tl.load(q_ptr + qrow[:, None] + cols, mask=smask[:, None], other=0.0).to(tl.float32)
                 qj = qj - tl.max(qj, axis=1)[:, None]
-                bj = tl.load(b_ptr + token_rows(src, n, head, R_T, R_N)[:, None] * DK + cols, mask=smask[:, None], other=0.0)
+                bj = tl.load(gates + token_rows(src, n, head, R_T, R_N)[:, None] * DK + cols, mask=smask[:, None], other=0.0)
                 dAj = tl.sum(tl.where(rc[:, None] == row[None, :], dA, 0.0), axis=0)
                 dK += tl.where(smask[:, None], dAj[:, None] * tl.exp(qj + tl.minimum(bj - b, 0.0)), 0.0)
         dK = dK * phi_k

@@ -72,6 +72,12 @@ class ReGLAConfig(TransformerConfig):
     the state pass's parallelism per launch) than an NVLink all-gather of the few MB takes;
     worth trying over slow links. The backward's all-gather overlaps compute either way."""
 
+    regla_low_memory: bool = False
+    """Triton path without CP: the kernels' backward over time windows, the forward keeping no fp32
+    gate tensor for it (`chunk_regla(..., low_memory=True)`): 0.54 GB fewer saved activations per
+    layer and about 1.4 GB lower backward peak at 64K tokens, 16 heads of 128, for some speed
+    (benchmarks/results_kernels.md). Not with packed sequences."""
+
     def __post_init__(self):
         super().__post_init__()
         if self.regla_num_heads is None:
@@ -129,6 +135,11 @@ class ReGLAConfig(TransformerConfig):
                         f"[{TRITON_MIN_HEAD_DIM}, {TRITON_MAX_HEAD_DIM}], got {name} = {dim}; change the head "
                         f"dim or use regla_backend='auto' (Triton where it can, torch elsewhere)"
                     )
+        if self.regla_low_memory and self.context_parallel_size > 1:
+            raise ValueError(
+                f"ReGLAConfig: regla_low_memory is not implemented with context parallelism "
+                f"(context_parallel_size = {self.context_parallel_size}); turn it off, or use CP = 1"
+            )
         if self.regla_cp_layout not in CP_LAYOUTS:
             raise ValueError(
                 f"ReGLAConfig: unknown regla_cp_layout {self.regla_cp_layout!r}; choose one of {CP_LAYOUTS}"

@@ -33,6 +33,7 @@ def test_unknown_flag_values_are_argparse_errors(flag, value, capsys):
 def test_unset_flags_leave_config_defaults():
     args = _parse("--regla-norm", "layernorm", "--no-regla-output-gate")
     assert regla_config_kwargs(args) == {"regla_norm": "layernorm", "regla_output_gate": False}
+    assert regla_config_kwargs(_parse("--regla-low-memory")) == {"regla_low_memory": True}
     assert not hasattr(args, "regla_pattern")  # so Megatron keeps ReGLAConfig's default
 
 

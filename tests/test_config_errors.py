@@ -61,6 +61,8 @@ def test_softmax_layers_allowed_under_context_parallelism():
         (dict(regla_cp_layout="ring"), r"unknown regla_cp_layout 'ring'.*zigzag.*contiguous"),
         (dict(regla_gate_rank=-1), r"regla_gate_rank must be 0 \(full rank\) or a positive rank"),
         (dict(regla_norm_eps=0.0), r"regla_norm_eps must be positive"),
+        (dict(regla_low_memory=True, context_parallel_size=2),
+         r"regla_low_memory is not implemented with context parallelism \(context_parallel_size = 2\)"),
     ],
 )
 def test_bad_input_raises_clear_error(overrides, message):

@@ -287,6 +287,24 @@ def test_context_parallel_hands_views_and_options_to_state_passing(megatron_sing
     assert call["scale"] == pytest.approx(1.0 / (math.e * math.sqrt(DK * (math.e**2 - 1.0))))
 
 
+def test_low_memory_option_reaches_the_kernels(megatron_single_process, monkeypatch):
+    """regla_low_memory (--regla-low-memory) is handed to chunk_regla; off by default."""
+    import regla_megatron.mixer as mixer_module
+
+    seen = []
+    real = mixer_module.chunk_regla
+
+    def recording_chunk_regla(*args, **kwargs):
+        seen.append(kwargs.get("low_memory"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mixer_module, "chunk_regla", recording_chunk_regla)
+    x = torch.randn(SEQ, BATCH, HIDDEN, dtype=torch.float64)
+    for low_memory in (False, True):
+        build_mixer(mixer_config(**({"regla_low_memory": True} if low_memory else {})))(x)
+    assert seen == [False, True]
+
+
 def test_local_softmax_layers_use_cp_attention_under_context_parallelism(megatron_single_process):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from regla_megatron.cp_attention import ContextParallelDotProductAttention

@@ -437,6 +437,85 @@ def test_inputs_with_strided_features_are_made_contiguous(launch):
         assert torch.equal(a, b)
 
 
+def _low_memory(function):
+    """`function` (a `chunk_regla` call) with the windowed low-memory backward."""
+    return lambda *args, **kwargs: function(*args, **kwargs, low_memory=True)
+
+
+@pytest.mark.parametrize("batch, length, windows, fast_limit", [(2, 150, 3, 17.0), (1, 300, 8, 60.0), (2, 200, 2, -1.0)])
+def test_low_memory_backward_over_windows(batch, length, windows, fast_limit, launch):
+    """low_memory=True: the backward over time windows (b recomputed per window, each window's
+    state pass from the start state the forward kept, the state gradient handed from window to
+    window) gives in fp32 exactly the one-pass backward's numbers, bit for bit (the window start
+    states are the fp32 states the one pass has there), and the fp64 recurrence's. Windows of 1,
+    2 and 2 chunks with a ragged last one; both kernel paths."""
+    from regla_kernels import chunk_regla
+
+    d = launch.MIN_HEAD_DIM
+    launch.LAUNCH.update(backward_windows=windows, fast_limit=fast_limit)
+    inputs = _inputs(batch, length, 2, 2 * d, d, logit_scale=1.0, seed=41)
+    one_pass = lambda *a, **kw: chunk_regla(*a, **kw, output_final_state=True, backend="triton")
+    want = _run_with(one_pass, inputs)
+    got = _run_with(_low_memory(one_pass), inputs)
+    for name, a, b in zip(NAMES, got, want):
+        assert torch.equal(a, b), name
+    _compare(inputs, bound=2e-5)
+
+
+def test_low_memory_backward_in_megatron_layout(launch):
+    """The windowed backward on [s, b] views (Megatron's layout: b of a window has the whole
+    tensors' row order there) against the one-pass backward, bit for bit, and its gradients in
+    the same [s, b] order."""
+    from regla_kernels import chunk_regla
+
+    d = launch.MIN_HEAD_DIM
+    launch.LAUNCH.update(backward_windows=3, fast_limit=17.0)
+    inputs = _inputs(3, 150, 2, d, d, logit_scale=1.0, seed=43)
+    minor = [x.transpose(0, 1).contiguous().transpose(0, 1) for x in inputs[:5]] + inputs[5:]
+    one_pass = lambda *a, **kw: chunk_regla(*a, **kw, output_final_state=True, backend="triton")
+    want = _run_with(one_pass, minor)
+    got = _run_with(_low_memory(one_pass), minor)
+    for name, a, b in zip(NAMES, got, want):
+        assert torch.equal(a, b), name
+    leaves = [x.detach().requires_grad_(True) for x in minor[:5]]
+    o, _ = chunk_regla(*leaves, backend="triton", low_memory=True)
+    grads = torch.autograd.grad(o.sum(), leaves)
+    assert all(g.transpose(0, 1).is_contiguous() for g in grads)
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_gradients_through_one_output_alone(low_memory, launch):
+    """A loss of the final state alone (o's gradient is None: not materialized as zeros) and of
+    o alone (the final state's is None) against the fp64 recurrence."""
+    from regla_kernels import chunk_regla
+
+    d = launch.MIN_HEAD_DIM
+    launch.LAUNCH.update(backward_windows=2)
+    inputs = _inputs(2, 100, 2, d, d, logit_scale=1.0, seed=45)
+    for which in (0, 1):
+        grads = []
+        for backend, cast in (("triton", lambda x: x), ("naive", lambda x: x.double())):
+            leaves = [cast(x).detach().requires_grad_(True) for x in inputs]
+            outputs = chunk_regla(
+                *leaves[:5], initial_state=leaves[5], output_final_state=True, backend=backend,
+                **({"low_memory": low_memory} if backend == "triton" else {}),
+            )
+            found = torch.autograd.grad(outputs[which].double().pow(2).sum(), leaves, allow_unused=True)
+            grads.append([torch.zeros_like(x) if g is None else g for g, x in zip(found, leaves)])  # q: no path to the state
+        for index, (a, b) in enumerate(zip(*grads)):
+            error = ((a.double() - b).norm() / b.norm().clamp_min(1e-300)).item()
+            assert error < 2e-5 or (b.norm() == 0 and a.norm() == 0), (which, index, error)
+
+
+def test_low_memory_with_packed_sequences_names_the_limit(launch):
+    from regla_kernels import chunk_regla
+
+    x = torch.randn(1, 70, 1, launch.MIN_HEAD_DIM)
+    cu = torch.tensor([0, 30, 70], dtype=torch.int32)
+    with pytest.raises(NotImplementedError, match="low_memory.*cu_seqlens"):
+        chunk_regla(x, x, x, x, x, cu_seqlens=cu, backend="triton", low_memory=True)
+
+
 def test_saturated_gates(launch):
     d = launch.MIN_HEAD_DIM
     _compare(_inputs(1, 150, 2, 2 * d, d, saturated=True, seed=2), bound=2e-5, gate_bound=1e-4)
