@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call (kind nvidia-h200), carry [".whl"] (and ".variants" for V= candidates), about
 # 6-8 minutes: what the next kernel changes depend on (benchmarks/NOTES_kernels.md, "Next").
-#   1. the GPU check of the working tree's kernels;
+#   1. the GPU check of the working tree's kernels (CHECK_LAUNCH: LAUNCH overrides for it);
 #   2. the per-kernel profile at 8K, 16K and 32K (ReGLA alone; METHODS=regla,regla_lm adds the
 #      low-memory backward, BENCH_LIMIT its time limit);
 #   3. launch candidates and code variants (CANDIDATES, `run_candidates` in gpu_env.sh);
@@ -10,7 +10,7 @@
 #   5. the dq/dk tile that crashed (4 warps, 32-wide key blocks) once under compute-sanitizer.
 set -u
 source benchmarks/gpu_env.sh
-if [ "${CHECK:-1}" = 1 ]; then timeout "${CHECK_LIMIT:-150}" python3 benchmarks/gpu_check_kernels.py > "$OUT/check.log" 2>&1; fi
+if [ "${CHECK:-1}" = 1 ]; then timeout "${CHECK_LIMIT:-150}" python3 benchmarks/gpu_check_kernels.py ${CHECK_LAUNCH:+--launch $CHECK_LAUNCH} > "$OUT/check.log" 2>&1; fi
 PROFILE=${PROFILE-8192,16384,32768}
 timeout "${BENCH_LIMIT:-120}" python3 benchmarks/bench_kernels.py --out "$OUT/new" --lengths "${LENGTHS:-8192,16384,32768}" --methods "${METHODS:-regla}" \
   ${PROFILE:+--profile --profile-lengths $PROFILE} 2>&1 | grep -v -i warn > "$OUT/new.log"

@@ -29,7 +29,7 @@ PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
 
 # LAUNCH register caps by job name (`triton_chunk._register_cap`)
-CAPS = {"gates": "gates", "fwd_states": "states", "bwd_dstates": "states", "fwd_output_fast": "fast_output",
+CAPS = {"gates": "gates", "fwd_states": "states", "fwd_states (gates)": "states", "bwd_dstates": "states", "fwd_output_fast": "fast_output",
         "bwd_dv_fast": "fast_dv", "bwd_dqk_fast": "fast_dqk"}
 
 
@@ -78,7 +78,8 @@ def kernel_jobs(dtype="bf16", d=128, carry=False, warps=None, fast_output_bv=Non
     states = dict(DK=d, DV=d, C=tc.CHUNK_SIZE, BK=min(d, launch["states_block_k"]), BV=min(d, launch["states_block_v"]), DT=dt)
     jobs = [
         ("gates", ts.chunk_gates_kernel, dict(DK=d, C=tc.CHUNK_SIZE, LIMIT=60.0, KEY_MAX=True, STAGES=launch["gates_stages"]), warps["gates"], 1),
-        ("fwd_states", ts.chunk_fwd_states_kernel, dict(states, HAS_H0=False, STORE_HT=True), warps["states"], launch["states_stages"]),
+        ("fwd_states", ts.chunk_fwd_states_kernel, dict(states, HAS_H0=False, STORE_HT=True, GATES=False), warps["states"], launch["states_stages"]),
+        ("fwd_states (gates)", ts.chunk_fwd_states_kernel, dict(states, HAS_H0=True, STORE_HT=False, GATES=True), warps["states"], launch["states_stages"]),
         ("fwd_output_sub", ts.chunk_fwd_output_kernel, dict(common, BV=min(d, launch["block_v"]), DT=tl.float32, DIAG_LIMIT=-1.0, HAS_HADD=carry), warps["output"], 1),
         ("bwd_dstates", ts.chunk_bwd_dstates_kernel, dict(states, HAS_DHT=False), warps["states"], launch["states_stages"]),
         ("bwd_dqk_fast", tf.chunk_bwd_dqk_fast_kernel, dict(DK=d, DV=d, C=tc.CHUNK_SIZE, BK=fast_bk or min(d, launch["fast_dqk_block_k"]),

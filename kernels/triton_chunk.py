@@ -115,6 +115,10 @@ LAUNCH = {
     # Windows of the low-memory backward (`chunk_regla(..., low_memory=True)`,
     # `_ChunkReGLATritonWindowed`): its peak holds b, h, dh and dA of one window.
     "backward_windows": 8,
+    # The low-memory backward's b made by its state recompute (chunk_fwd_states_kernel GATES)
+    # instead of a gates pass per window (0.69 ms at 8K, benchmarks/runs/s7_call4). Off: checked in
+    # the interpreter only, not yet run on the GPU.
+    "window_gates_in_states": False,
 }
 POISON = os.environ.get("REGLA_TRITON_POISON", "0") == "1"
 
@@ -280,9 +284,10 @@ def _gates(z, u, k, cu, table, total, key_max=None, out=None, need_key_max=True,
     return b, chunk_decay, flags, key_max
 
 
-def _fwd_states(k, v, b, key_max, h0, cu, offsets, total, store_final, out=None, order=None):
+def _fwd_states(k, v, b, key_max, h0, cu, offsets, total, store_final, out=None, order=None, gates=None):
     """States at every chunk start (h); with store_final also the final states (fp32 [N, H, dk, dv]).
-    `out`: (h, final states) preallocated."""
+    `out`: (h, final states) preallocated. `gates`: the logits (z, u), when b is to be made here
+    (written into b) instead of read."""
     tokens, heads, dk = _dims(k)
     order = (heads, 0) if order is None else order
     dv = v.shape[-1]
@@ -293,10 +298,12 @@ def _fwd_states(k, v, b, key_max, h0, cu, offsets, total, store_final, out=None,
     else:
         h, ht = out
     bk, bv = _state_blocks(dk, dv, n * heads)
+    z, u = gates if gates is not None else (k, k)  # placeholders the kernel does not read
     chunk_fwd_states_kernel[((dk // bk) * (dv // bv), n * heads)](
-        k, v, b, key_max, h0 if h0 is not None else h, h, ht, cu, offsets,
-        heads, *order, *_layout(k), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=bv, HAS_H0=h0 is not None, STORE_HT=store_final,
-        DT=_dot_dtype(k.dtype), num_warps=LAUNCH["states_warps"], num_stages=LAUNCH["states_stages"],
+        k, v, b, key_max, h0 if h0 is not None else h, h, ht, cu, offsets, z, u,
+        heads, *order, *_layout(k), *_layout(v), *_layout(z), DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=bv, HAS_H0=h0 is not None,
+        STORE_HT=store_final, DT=_dot_dtype(k.dtype), GATES=gates is not None,
+        num_warps=LAUNCH["states_warps"], num_stages=LAUNCH["states_stages"],
         **_register_cap("states"),
     )
     return h, (ht if store_final else None)
@@ -465,18 +472,25 @@ def _output_grad(do, like_rows: int, like: torch.Tensor) -> torch.Tensor:
     return do.contiguous()
 
 
+def _forward(q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor):
+    """The forward stages of both Functions: o (rows in `_row_order`), the final states, and what
+    a backward may keep or derive from (b, flags, key max, h, query max, the sub-chunk work list)."""
+    order = _row_order(q.shape[0], q.shape[1], q.shape[2], minor)
+    b, _, flags, key_max = _gates(z, u, k, cu, table, total, key_max, order=order)
+    h, ht = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, True, order=order)
+    work = _slow_chunks(flags)
+    o, q_max = _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, order=order, work=work)
+    return o, ht, b, flags, key_max, h, q_max, work
+
+
 class _ChunkReGLATriton(torch.autograd.Function):
     """q, k, v, z, u [B, T, H, D]; o as [B * T, H, dv] in `_row_order` (Megatron's [s, b] order
     when `minor`), the input gradients as [B, T, H, D] views of that order."""
 
     @staticmethod
     def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor):
-        order = _row_order(q.shape[0], q.shape[1], q.shape[2], minor)
-        b, _, flags, key_max = _gates(z, u, k, cu, table, total, key_max, order=order)
-        h, ht = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, True, order=order)
-        work = _slow_chunks(flags)  # the backward walks the same list
-        o, q_max = _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, order=order, work=work)
-        del h
+        o, ht, b, flags, key_max, h, q_max, work = _forward(q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor)
+        del h  # recomputed in the backward, which walks the same work list
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, z, u, b, flags, key_max, q_max, h0, cu, offsets, table, work)
         ctx.scale, ctx.total, ctx.minor = scale, total, minor
@@ -523,23 +537,19 @@ class _ChunkReGLATritonWindowed(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, window_chunks):
-        batch, length = q.shape[:2]
-        order = _row_order(batch, length, q.shape[2], minor)
-        b, _, flags, key_max = _gates(z, u, k, cu, table, total, key_max, order=order)
-        h, ht = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, True, order=order)
-        o, q_max = _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, order=order)
-        chunks = total // batch
-        starts = h.view(batch, chunks, *h.shape[1:])[:, window_chunks::window_chunks].transpose(0, 1).contiguous()
+        o, ht, b, flags, key_max, h, q_max, _ = _forward(q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor)
+        batch = q.shape[0]
+        starts = h.view(batch, total // batch, *h.shape[1:])[:, window_chunks::window_chunks].transpose(0, 1).contiguous()
         del h, b
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(q, k, v, z, u, key_max, q_max, h0, starts)
+        ctx.save_for_backward(q, k, v, z, u, key_max, q_max, h0, starts, flags.view(batch, total // batch, -1))
         ctx.scale, ctx.minor, ctx.window = scale, minor, window_chunks * CHUNK_SIZE
         ctx.h0_dtype = None if h0 is None else h0.dtype
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, z, u, key_max, q_max, h0, starts = ctx.saved_tensors
+        q, k, v, z, u, key_max, q_max, h0, starts, flags = ctx.saved_tensors
         batch, length, heads, _ = q.shape
         row_t = _row_order(batch, length, heads, ctx.minor)[0]
         do = _output_grad(do, batch * length, v)
@@ -548,31 +558,39 @@ class _ChunkReGLATritonWindowed(torch.autograd.Function):
         for index in reversed(range(-(-length // ctx.window))):
             first, window = index * ctx.window, min(ctx.window, length - index * ctx.window)
             last = first + window == length  # its dht is autograd's (or None), the others' our own buffer
+            chunks = slice(first // CHUNK_SIZE, -(-(first + window) // CHUNK_SIZE))
+            own_flags = flags[:, chunks].reshape(-1, flags.shape[-1]) if LAUNCH["window_gates_in_states"] else None
             dstate = _window_backward(
                 [x[:, first : first + window] for x in (q, k, v, z, u)],
                 [x.view(-1, x.shape[-1])[first * row_t :] for x in (do, q_max.view(-1, 1), *grads)],
                 key_max, h0 if index == 0 else starts[index - 1], dstate, ctx.scale, length, ctx.minor, in_place=not last,
+                flags=own_flags,
             )
         grads = [_from_rows(g, batch, length, ctx.minor) for g in grads]
         dinit = None if h0 is None else dstate.to(ctx.h0_dtype)
         return (*grads, None, None, dinit, None, None, None, None, None, None)
 
 
-def _window_backward(inputs, rows, key_max, start_state, dht, scale, length, minor, in_place):
+def _window_backward(inputs, rows, key_max, start_state, dht, scale, length, minor, in_place, flags):
     """One window of `_ChunkReGLATritonWindowed.backward`: the gradients of its tokens written into
     the whole gradient tensors. inputs: q, k, v, z, u of the window ([B, W, H, D] views); rows:
     do, the query max and the five gradients as flat views from the window's first row. Returns
     the state gradient at the window's start (fp32 [B, H, dk, dv]), the later window's dht; with
     in_place written over dht (each state-pass program reads its block of dht before it writes
-    that block), which saves a state-sized buffer."""
+    that block), which saves a state-sized buffer. flags: the forward's, of the window's chunks
+    (int8 [B * chunks, H]), used where the state recompute makes b (LAUNCH["window_gates_in_states"])."""
     q, k, v, z, u = inputs
     do, q_max, *grads = rows
     batch, window, heads, _ = q.shape
     cu, offsets, table, total = _regular_tables(batch, window, q.device)
     order = _window_order(batch, length, window, heads, minor)
     b_order = _row_order(batch, window, heads, minor)  # b of this window only
-    b, _, flags, _ = _gates(z, u, k, cu, table, total, key_max, order=b_order)
-    h, _ = _fwd_states(k, v, b, key_max, start_state, cu, offsets, total, False, order=b_order)
+    if LAUNCH["window_gates_in_states"]:
+        b = _empty(batch * window, heads, z.shape[-1], device=z.device, dtype=torch.float32)
+        h, _ = _fwd_states(k, v, b, key_max, start_state, cu, offsets, total, False, order=b_order, gates=(z, u))
+    else:
+        b, _, flags, _ = _gates(z, u, k, cu, table, total, key_max, order=b_order)
+        h, _ = _fwd_states(k, v, b, key_max, start_state, cu, offsets, total, False, order=b_order)
     b_shift = order[1] - b_order[1]
     dh, dh_start = _bwd_dstates(
         q, q_max, b, do, dht, cu, offsets, scale, total, v.shape[-1], order=order, b_shift=b_shift,

@@ -354,12 +354,15 @@ def work_item(work_ptr, w, H):
 
 @triton.jit
 def chunk_fwd_states_kernel(
-    k_ptr, v_ptr, b_ptr, kmax_ptr, h0_ptr, h_ptr, ht_ptr, cu_ptr, choff_ptr,
-    H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, DT: tl.constexpr,
+    k_ptr, v_ptr, b_ptr, kmax_ptr, h0_ptr, h_ptr, ht_ptr, cu_ptr, choff_ptr, z_ptr, u_ptr,
+    H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, Z_T, Z_N, Z_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, DT: tl.constexpr, GATES: tl.constexpr,
 ):
     """Sequential over chunks, one (BK x BV) block of the state: h[chunk] = state at the chunk
-    start; with STORE_HT the final state ht (fp32)."""
+    start; with STORE_HT the final state ht (fp32). With GATES, b is not read but made here from
+    the logits z, u (log F by `refined_log_gate_tl`, a scan over the chunk's rows) and stored by
+    the first value block's programs: the low-memory backward's gates pass folded into its state
+    recompute (its rounding is the scan's, not `chunk_gates_kernel`'s row-by-row sum)."""
     ik = tl.program_id(0) // (DV // BV)
     iv = tl.program_id(0) % (DV // BV)
     nh = tl.program_id(1)
@@ -382,8 +385,17 @@ def chunk_fwd_states_kernel(
         mask = tok < eos
         rows = token_rows(tok, n, head, R_T, R_N)
         krows = input_rows(tok, n, head, S_T, S_N, S_H)
-        b = load_chunk_gates(b_ptr, rows, mask, rk, DK)
-        b_end = load_gate_row(b_ptr, bos + c * C, eos, C - 1, n, head, R_T, R_N, rk, DK)
+        if GATES:
+            zcols = input_rows(tok, n, head, Z_T, Z_N, Z_H)[:, None] + rk[None, :]
+            z = tl.load(z_ptr + zcols, mask=mask[:, None], other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + zcols, mask=mask[:, None], other=0.0).to(tl.float32)
+            b = tl.cumsum(tl.where(mask[:, None], refined_log_gate_tl(z, u), 0.0), axis=0)
+            b_end = tl.min(b, axis=0)  # the last valid row: b never rises, padding rows add 0
+            if iv == 0:
+                tl.store(b_ptr + rows[:, None] * DK + rk[None, :], b, mask=mask[:, None])
+        else:
+            b = load_chunk_gates(b_ptr, rows, mask, rk, DK)
+            b_end = load_gate_row(b_ptr, bos + c * C, eos, C - 1, n, head, R_T, R_N, rk, DK)
         k_end = load_key_features(k_ptr, krows, mask, key_max, rk, b_end[None, :] - b)
         v = tl.load(v_ptr + input_rows(tok, n, head, V_T, V_N, V_H)[:, None] + rv[None, :], mask=mask[:, None], other=0.0)
         state = state * tl.exp(b_end)[:, None] + tl.dot(tl.trans(k_end.to(DT)), v.to(DT))

@@ -462,6 +462,29 @@ def test_low_memory_backward_over_windows(batch, length, windows, fast_limit, la
     _compare(inputs, bound=2e-5)
 
 
+@pytest.mark.parametrize("minor", [False, True])
+def test_low_memory_with_gates_in_the_state_recompute(minor, launch):
+    """LAUNCH["window_gates_in_states"]: the windowed backward's b made by its state recompute
+    (a scan over each chunk's rows) instead of the gates kernel: the fp64 recurrence's numbers, and
+    the one-pass backward's to fp32 rounding (b's sums in another order)."""
+    from regla_kernels import chunk_regla
+
+    d = launch.MIN_HEAD_DIM
+    launch.LAUNCH.update(backward_windows=3, fast_limit=17.0, window_gates_in_states=True)
+    inputs = _inputs(3, 150, 2, 2 * d, d, logit_scale=1.0, seed=47)
+    if minor:
+        inputs = [x.transpose(0, 1).contiguous().transpose(0, 1) for x in inputs[:5]] + inputs[5:]
+    one_pass = lambda *a, **kw: chunk_regla(*a, **kw, output_final_state=True, backend="triton")
+    want = _run_with(one_pass, inputs)
+    got = _run_with(_low_memory(one_pass), inputs)
+    for name, a, b in zip(NAMES, got, want):
+        assert ((a - b).norm() / b.norm()).item() < 1e-5, name
+    assert any(not torch.equal(a, b) for a, b in zip(got[2:], want[2:]))  # b did come from the scan
+    ref = _run("naive", [x.double() for x in inputs])
+    for name, a, b in zip(NAMES, got, ref):
+        assert ((a.double() - b).norm() / b.norm()).item() < 2e-5, name
+
+
 def test_low_memory_backward_in_megatron_layout(launch):
     """The windowed backward on [s, b] views (Megatron's layout: b of a window has the whole
     tensors' row order there) against the one-pass backward, bit for bit, and its gradients in
