@@ -113,7 +113,7 @@ def chunk_regla(
         backend: "auto" (Triton for CUDA tensors it supports, see `resolve_backend`, else
             "torch"), "triton", "torch" (chunked PyTorch) or "naive" (token-by-token oracle).
         low_memory: Triton backend: the backward runs over 8 time windows and the forward keeps
-            no fp32 gate tensor for it (it is recomputed per window): about 1.4 GB less peak
+            no fp32 gate tensor for it (it is recomputed per window): 1.4-1.6 GB less peak
             memory and 0.54 GB fewer saved activations at 64K tokens, H 16, d 128, for some
             speed (benchmarks/results_kernels.md). Not with cu_seqlens. The other backends
             ignore it.

@@ -564,21 +564,22 @@ class _ChunkReGLATritonWindowed(torch.autograd.Function):
                 [x[:, first : first + window] for x in (q, k, v, z, u)],
                 [x.view(-1, x.shape[-1])[first * row_t :] for x in (do, q_max.view(-1, 1), *grads)],
                 key_max, h0 if index == 0 else starts[index - 1], dstate, ctx.scale, length, ctx.minor, in_place=not last,
-                flags=own_flags,
+                forward_flags=own_flags,
             )
         grads = [_from_rows(g, batch, length, ctx.minor) for g in grads]
         dinit = None if h0 is None else dstate.to(ctx.h0_dtype)
         return (*grads, None, None, dinit, None, None, None, None, None, None)
 
 
-def _window_backward(inputs, rows, key_max, start_state, dht, scale, length, minor, in_place, flags):
+def _window_backward(inputs, rows, key_max, start_state, dht, scale, length, minor, in_place, forward_flags):
     """One window of `_ChunkReGLATritonWindowed.backward`: the gradients of its tokens written into
     the whole gradient tensors. inputs: q, k, v, z, u of the window ([B, W, H, D] views); rows:
     do, the query max and the five gradients as flat views from the window's first row. Returns
     the state gradient at the window's start (fp32 [B, H, dk, dv]), the later window's dht; with
     in_place written over dht (each state-pass program reads its block of dht before it writes
-    that block), which saves a state-sized buffer. flags: the forward's, of the window's chunks
-    (int8 [B * chunks, H]), used where the state recompute makes b (LAUNCH["window_gates_in_states"])."""
+    that block), which saves a state-sized buffer. forward_flags: the forward's, of the window's
+    chunks (int8 [B * chunks, H]), used where the state recompute makes b (LAUNCH["window_gates_in_states"],
+    else the gates kernel makes both)."""
     q, k, v, z, u = inputs
     do, q_max, *grads = rows
     batch, window, heads, _ = q.shape
@@ -586,6 +587,7 @@ def _window_backward(inputs, rows, key_max, start_state, dht, scale, length, min
     order = _window_order(batch, length, window, heads, minor)
     b_order = _row_order(batch, window, heads, minor)  # b of this window only
     if LAUNCH["window_gates_in_states"]:
+        flags = forward_flags
         b = _empty(batch * window, heads, z.shape[-1], device=z.device, dtype=torch.float32)
         h, _ = _fwd_states(k, v, b, key_max, start_state, cu, offsets, total, False, order=b_order, gates=(z, u))
     else:
