@@ -3,7 +3,7 @@
 # 6-8 minutes: what the next kernel changes depend on (benchmarks/NOTES_kernels.md, "Next").
 #   1. the GPU check of the working tree's kernels (CHECK_LAUNCH: LAUNCH overrides for it);
 #   2. the per-kernel profile at 8K, 16K and 32K (ReGLA alone; METHODS=regla,regla_lm adds the
-#      low-memory backward, BENCH_LIMIT its time limit);
+#      low-memory backward, BENCH_LIMIT its time limit, BENCH_LAUNCH LAUNCH overrides for it);
 #   3. launch candidates and code variants (CANDIDATES, `run_candidates` in gpu_env.sh);
 #   4. Nsight Compute (launch, occupancy, memory, warp-state sections) on dq/dk at 8K and on the
 #      carried-state output kernel at 32K: local-memory (spill) traffic against DRAM traffic;
@@ -12,7 +12,7 @@ set -u
 source benchmarks/gpu_env.sh
 if [ "${CHECK:-1}" = 1 ]; then timeout "${CHECK_LIMIT:-150}" python3 benchmarks/gpu_check_kernels.py ${CHECK_LAUNCH:+--launch $CHECK_LAUNCH} > "$OUT/check.log" 2>&1; fi
 PROFILE=${PROFILE-8192,16384,32768}
-timeout "${BENCH_LIMIT:-120}" python3 benchmarks/bench_kernels.py --out "$OUT/new" --lengths "${LENGTHS:-8192,16384,32768}" --methods "${METHODS:-regla}" \
+timeout "${BENCH_LIMIT:-120}" python3 benchmarks/bench_kernels.py --out "$OUT/new" --lengths "${LENGTHS:-8192,16384,32768}" --methods "${METHODS:-regla}" ${BENCH_LAUNCH:+--launch $BENCH_LAUNCH} \
   ${PROFILE:+--profile --profile-lengths $PROFILE} 2>&1 | grep -v -i warn > "$OUT/new.log"
 run_candidates
 SECTIONS="--section LaunchStats --section Occupancy --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section WarpStateStats --section SchedulerStats"

@@ -29,7 +29,7 @@ PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
 
 # LAUNCH register caps by job name (`triton_chunk._register_cap`)
-CAPS = {"gates": "gates", "fwd_states": "states", "fwd_states (gates)": "states", "bwd_dstates": "states", "fwd_output_fast": "fast_output",
+CAPS = {"gates": "gates", "fwd_states": "states", "fwd_states (starts)": "states", "bwd_dstates": "states", "fwd_output_fast": "fast_output",
         "bwd_dv_fast": "fast_dv", "bwd_dqk_fast": "fast_dqk"}
 
 
@@ -70,16 +70,16 @@ def kernel_jobs(dtype="bf16", d=128, carry=False, warps=None, fast_output_bv=Non
     args = dict(q_ptr=p, k_ptr=p, v_ptr=p, z_ptr=p, u_ptr=p, b_ptr=f32, flag_ptr="*i8", kmax_ptr=f32, h_ptr=p, dh_ptr=p,
                 do_ptr=p, o_ptr=p, dq_ptr=p, dk_ptr=p, dv_ptr=p, dz_ptr=p, du_ptr=p, table_ptr=i32, cu_ptr=i32, work_ptr=i32, choff_ptr=i32,
                 h0_ptr=f32, ht_ptr=f32, dht_ptr=f32, dh0_ptr=f32, bend_ptr=f32, hadd_ptr=f32, hdecay_ptr=f32,
-                dhadd_ptr=f32, dhdecay_ptr=f32, qmax_ptr=f32, da_ptr=p if dtype == "bf16" else f32, scale="fp32", H="i32")
+                dhadd_ptr=f32, dhdecay_ptr=f32, qmax_ptr=f32, starts_ptr=p, every="i32", N="i32", da_ptr=p if dtype == "bf16" else f32, scale="fp32", H="i32")
     # input strides (`triton_chunk._layout`): Megatron's [s, b] projection views, divisible by 16
     args.update({name: "i32" for name in ("R_T", "R_N", "BSHIFT", "S_T", "S_N", "S_H", "V_T", "V_N", "V_H", "Z_T", "Z_N", "Z_H")})
     args["reach_ptr"] = "*i8" if carry else f32  # without a carried state the runtime passes a placeholder
     fast_bv = dict(BV=fast_bwd_bv or launch["fast_dqk_block_v"])
     states = dict(DK=d, DV=d, C=tc.CHUNK_SIZE, BK=min(d, launch["states_block_k"]), BV=min(d, launch["states_block_v"]), DT=dt)
     jobs = [
-        ("gates", ts.chunk_gates_kernel, dict(DK=d, C=tc.CHUNK_SIZE, LIMIT=60.0, KEY_MAX=True, STAGES=launch["gates_stages"]), warps["gates"], 1),
-        ("fwd_states", ts.chunk_fwd_states_kernel, dict(states, HAS_H0=False, STORE_HT=True, GATES=False), warps["states"], launch["states_stages"]),
-        ("fwd_states (gates)", ts.chunk_fwd_states_kernel, dict(states, HAS_H0=True, STORE_HT=False, GATES=True), warps["states"], launch["states_stages"]),
+        ("gates", ts.chunk_gates_kernel, dict(DK=d, C=tc.CHUNK_SIZE, LIMIT=60.0, KEY_MAX=True, STAGES=launch["gates_stages"], WORK=True), warps["gates"], 1),
+        ("fwd_states", ts.chunk_fwd_states_kernel, dict(states, HAS_H0=False, STORE_HT=True, STARTS=False), warps["states"], launch["states_stages"]),
+        ("fwd_states (starts)", ts.chunk_fwd_states_kernel, dict(states, HAS_H0=False, STORE_HT=True, STARTS=True), warps["states"], launch["states_stages"]),
         ("fwd_output_sub", ts.chunk_fwd_output_kernel, dict(common, BV=min(d, launch["block_v"]), DT=tl.float32, DIAG_LIMIT=-1.0, HAS_HADD=carry), warps["output"], 1),
         ("bwd_dstates", ts.chunk_bwd_dstates_kernel, dict(states, HAS_DHT=False), warps["states"], launch["states_stages"]),
         ("bwd_dqk_fast", tf.chunk_bwd_dqk_fast_kernel, dict(DK=d, DV=d, C=tc.CHUNK_SIZE, BK=fast_bk or min(d, launch["fast_dqk_block_k"]),

@@ -112,11 +112,11 @@ def chunk_regla(
             and one key max per sequence.
         backend: "auto" (Triton for CUDA tensors it supports, see `resolve_backend`, else
             "torch"), "triton", "torch" (chunked PyTorch) or "naive" (token-by-token oracle).
-        low_memory: Triton backend: the backward runs over 8 time windows and the forward keeps
-            no fp32 gate tensor for it (it is recomputed per window): 1.4-1.6 GB less peak
-            memory and 0.54 GB fewer saved activations at 64K tokens, H 16, d 128, for some
-            speed (benchmarks/results_kernels.md). Not with cu_seqlens. The other backends
-            ignore it.
+        low_memory: Triton backend: the backward runs over time windows (as few as keep its
+            buffers within 22% of o and the input gradients) and the forward keeps no fp32 gate
+            tensor for it (it is recomputed per window): 1.4-1.5 GB less peak memory (under
+            2 GB) and 0.54 GB fewer saved activations at 64K tokens, H 16, d 128, for 1.1-1.7 ms
+            (benchmarks/results_kernels.md). Not with cu_seqlens. The other backends ignore it.
     Returns:
         o: [B, T, H, dv] in q's dtype.
         final_state: [N, H, dk, dv] float32 (float64 for float64 inputs), or None.

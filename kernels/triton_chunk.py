@@ -113,12 +113,14 @@ LAUNCH = {
     "fast_dv_maxnreg": 128,
     "fast_dqk_maxnreg": 0,
     # Windows of the low-memory backward (`chunk_regla(..., low_memory=True)`,
-    # `_ChunkReGLATritonWindowed`): its peak holds b, h, dh and dA of one window.
-    "backward_windows": 8,
-    # The low-memory backward's b made by its state recompute (chunk_fwd_states_kernel GATES)
-    # instead of a gates pass per window (0.69 ms at 8K, benchmarks/runs/s7_call4). Off: checked in
-    # the interpreter only, not yet run on the GPU.
-    "window_gates_in_states": False,
+    # `_ChunkReGLATritonWindowed`): its peak holds b, h, dh and dA of one window, and the forward
+    # keeps each later window's start state. 0 = as few windows as keep those two within
+    # window_memory_fraction of the backward's outputs (o and the input gradients, which any
+    # backward holds): each window costs about 0.1 ms (H200, 8K: 6.92 / 6.77 / 6.50 ms at 8 / 6 /
+    # 4 windows, benchmarks/runs/s8_call2). 0.22 keeps the record shape (bf16, 64K tokens, H 16,
+    # d 128) under 2 GB at every T: 7 windows at 2K (the start states of 32 sequences), 5 at 32K.
+    "backward_windows": 0,
+    "window_memory_fraction": 0.22,
 }
 POISON = os.environ.get("REGLA_TRITON_POISON", "0") == "1"
 
@@ -257,11 +259,12 @@ def _one_layout(*xs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     return tuple(x.contiguous() for x in xs)
 
 
-def _gates(z, u, k, cu, table, total, key_max=None, out=None, need_key_max=True, order=None):
+def _gates(z, u, k, cu, table, total, key_max=None, out=None, need_key_max=True, order=None, work=None):
     """b (cumulative log gate from each chunk start, fp32 [T, H, dk]), each chunk's total log
     decay (fp32 [chunks, H, dk]), the fast-path flags (int8 [chunks, H]) and the key max
     (fp32 [N, H]: `key_max` when given, else computed here from k, unless need_key_max is
     False: then None). `out`: the first three preallocated (contiguous views of larger buffers).
+    `work`: a zeroed `_work_list` the flag-0 chunks are appended to (as `_slow_chunks` makes it).
     z and u share one `_layout`, k has q's. `order` (here and below): the row order of the
     per-token tensors (`_row_order`), sequences one after another by default."""
     tokens, heads, dk = _dims(z)
@@ -277,17 +280,17 @@ def _gates(z, u, k, cu, table, total, key_max=None, out=None, need_key_max=True,
     if compute_max:
         key_max = torch.full((cu.numel() - 1, heads), float("-inf"), device=z.device, dtype=torch.float32)
     chunk_gates_kernel[(total, heads)](
-        z, u, k, b, chunk_decay, flags, key_max if key_max is not None else b, table, cu,
+        z, u, k, b, chunk_decay, flags, key_max if key_max is not None else b, work if work is not None else flags, table, cu,
         heads, *order, *_layout(k), *_layout(z), DK=dk, C=CHUNK_SIZE, LIMIT=_fast_limit(), KEY_MAX=compute_max,
-        STAGES=LAUNCH["gates_stages"], num_warps=LAUNCH["gates_warps"], **_register_cap("gates"),
+        STAGES=LAUNCH["gates_stages"], WORK=work is not None, num_warps=LAUNCH["gates_warps"], **_register_cap("gates"),
     )
     return b, chunk_decay, flags, key_max
 
 
-def _fwd_states(k, v, b, key_max, h0, cu, offsets, total, store_final, out=None, order=None, gates=None):
+def _fwd_states(k, v, b, key_max, h0, cu, offsets, total, store_final, out=None, order=None, starts=None):
     """States at every chunk start (h); with store_final also the final states (fp32 [N, H, dk, dv]).
-    `out`: (h, final states) preallocated. `gates`: the logits (z, u), when b is to be made here
-    (written into b) instead of read."""
+    `out`: (h, final states) preallocated. `starts`: (buffer [W - 1, N, H, dk, dv] in h's dtype,
+    chunks per window) to receive each later window's start state (equal sequences only)."""
     tokens, heads, dk = _dims(k)
     order = (heads, 0) if order is None else order
     dv = v.shape[-1]
@@ -298,15 +301,21 @@ def _fwd_states(k, v, b, key_max, h0, cu, offsets, total, store_final, out=None,
     else:
         h, ht = out
     bk, bv = _state_blocks(dk, dv, n * heads)
-    z, u = gates if gates is not None else (k, k)  # placeholders the kernel does not read
     chunk_fwd_states_kernel[((dk // bk) * (dv // bv), n * heads)](
-        k, v, b, key_max, h0 if h0 is not None else h, h, ht, cu, offsets, z, u,
-        heads, *order, *_layout(k), *_layout(v), *_layout(z), DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=bv, HAS_H0=h0 is not None,
-        STORE_HT=store_final, DT=_dot_dtype(k.dtype), GATES=gates is not None,
+        k, v, b, key_max, h0 if h0 is not None else h, h, ht, h if starts is None else starts[0], cu, offsets,
+        0 if starts is None else starts[1], n,
+        heads, *order, *_layout(k), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=bv, HAS_H0=h0 is not None,
+        STORE_HT=store_final, DT=_dot_dtype(k.dtype), STARTS=starts is not None,
         num_warps=LAUNCH["states_warps"], num_stages=LAUNCH["states_stages"],
         **_register_cap("states"),
     )
     return h, (ht if store_final else None)
+
+
+def _work_list(*lists: int, chunks: int, heads: int, device: torch.device) -> torch.Tensor:
+    """Zeroed sub-chunk work lists (int32 [*lists, 1 + chunks * heads], the layout of `_slow_chunks`)
+    for the gates kernel to fill (`_gates(work=...)`): one memset for all of them."""
+    return torch.zeros(*lists, 1 + chunks * heads, device=device, dtype=torch.int32)
 
 
 def _slow_chunks(flags: torch.Tensor) -> torch.Tensor:
@@ -472,13 +481,14 @@ def _output_grad(do, like_rows: int, like: torch.Tensor) -> torch.Tensor:
     return do.contiguous()
 
 
-def _forward(q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor):
+def _forward(q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, starts=None):
     """The forward stages of both Functions: o (rows in `_row_order`), the final states, and what
-    a backward may keep or derive from (b, flags, key max, h, query max, the sub-chunk work list)."""
+    a backward may keep or derive from (b, flags, key max, h, query max, the sub-chunk work list).
+    `starts`: as in `_fwd_states`."""
     order = _row_order(q.shape[0], q.shape[1], q.shape[2], minor)
-    b, _, flags, key_max = _gates(z, u, k, cu, table, total, key_max, order=order)
-    h, ht = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, True, order=order)
-    work = _slow_chunks(flags)
+    work = _work_list(chunks=total, heads=q.shape[2], device=q.device)
+    b, _, flags, key_max = _gates(z, u, k, cu, table, total, key_max, order=order, work=work)
+    h, ht = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, True, order=order, starts=starts)
     o, q_max = _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, order=order, work=work)
     return o, ht, b, flags, key_max, h, q_max, work
 
@@ -512,10 +522,28 @@ class _ChunkReGLATriton(torch.autograd.Function):
         return (*grads, None, None, dinit, None, None, None, None, None)
 
 
-def _window_chunks(chunks: int) -> int:
-    """Chunks per window of the low-memory backward (LAUNCH["backward_windows"] windows, or fewer
-    when the sequences have fewer chunks)."""
-    return -(-chunks // max(1, min(LAUNCH["backward_windows"], chunks)))
+def _window_bytes(windows: int, batch: int, chunks: int, heads: int, dk: int, dv: int, dtype: torch.dtype) -> int:
+    """What the low-memory backward holds beyond its outputs with `windows` windows: b (fp32), h,
+    dh and the score gradients of one window, and the start states of the later windows."""
+    state = torch.empty((), dtype=_state_dtype(dtype)).element_size()
+    per_chunk = CHUNK_SIZE * dk * 4 + CHUNK_SIZE * CHUNK_SIZE * state + 2 * dk * dv * state
+    return batch * heads * (-(-chunks // windows) * per_chunk + (windows - 1) * dk * dv * state)
+
+
+def _window_chunks(batch: int, chunks: int, heads: int, dk: int, dv: int, dtype: torch.dtype) -> int:
+    """Chunks per window of the low-memory backward: LAUNCH["backward_windows"] windows (at most
+    one per chunk), or with 0 the fewest (up to 16) whose `_window_bytes` are within
+    LAUNCH["window_memory_fraction"] of the outputs (o and the five input gradients), else the
+    count with the fewest bytes."""
+    if LAUNCH["backward_windows"] > 0:
+        return -(-chunks // min(LAUNCH["backward_windows"], chunks))
+    element = torch.empty((), dtype=dtype).element_size()
+    outputs = batch * chunks * CHUNK_SIZE * heads * (4 * dk + 2 * dv) * element
+    counts = range(1, min(16, chunks) + 1)
+    cost = {w: _window_bytes(w, batch, chunks, heads, dk, dv, dtype) for w in counts}
+    within = [w for w in counts if cost[w] <= LAUNCH["window_memory_fraction"] * outputs]
+    windows = within[0] if within else min(counts, key=cost.get)
+    return -(-chunks // windows)
 
 
 def _window_order(batch: int, length: int, window: int, heads: int, minor: bool) -> Tuple[int, int]:
@@ -537,62 +565,58 @@ class _ChunkReGLATritonWindowed(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, window_chunks):
-        o, ht, b, flags, key_max, h, q_max, _ = _forward(q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor)
-        batch = q.shape[0]
-        starts = h.view(batch, total // batch, *h.shape[1:])[:, window_chunks::window_chunks].transpose(0, 1).contiguous()
+        batch, heads, dk, dv = q.shape[0], q.shape[2], q.shape[3], v.shape[-1]
+        windows = -(-(total // batch) // window_chunks)
+        starts = _empty(windows - 1, batch, heads, dk, dv, device=q.device, dtype=_state_dtype(q.dtype))
+        o, ht, b, flags, key_max, h, q_max, _ = _forward(
+            q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, starts=(starts, window_chunks),
+        )
         del h, b
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(q, k, v, z, u, key_max, q_max, h0, starts, flags.view(batch, total // batch, -1))
+        ctx.save_for_backward(q, k, v, z, u, key_max, q_max, h0, starts)
         ctx.scale, ctx.minor, ctx.window = scale, minor, window_chunks * CHUNK_SIZE
         ctx.h0_dtype = None if h0 is None else h0.dtype
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, z, u, key_max, q_max, h0, starts, flags = ctx.saved_tensors
+        q, k, v, z, u, key_max, q_max, h0, starts = ctx.saved_tensors
         batch, length, heads, _ = q.shape
         row_t = _row_order(batch, length, heads, ctx.minor)[0]
         do = _output_grad(do, batch * length, v)
         grads = [_empty(batch * length, heads, x.shape[-1], device=x.device, dtype=x.dtype) for x in (q, k, v, z, u)]
         dstate = None if dht is None else dht.float().contiguous()
-        for index in reversed(range(-(-length // ctx.window))):
+        windows = -(-length // ctx.window)
+        work = _work_list(windows, chunks=batch * -(-ctx.window // CHUNK_SIZE), heads=heads, device=q.device)
+        for index in reversed(range(windows)):
             first, window = index * ctx.window, min(ctx.window, length - index * ctx.window)
             last = first + window == length  # its dht is autograd's (or None), the others' our own buffer
-            chunks = slice(first // CHUNK_SIZE, -(-(first + window) // CHUNK_SIZE))
-            own_flags = flags[:, chunks].reshape(-1, flags.shape[-1]) if LAUNCH["window_gates_in_states"] else None
             dstate = _window_backward(
                 [x[:, first : first + window] for x in (q, k, v, z, u)],
                 [x.view(-1, x.shape[-1])[first * row_t :] for x in (do, q_max.view(-1, 1), *grads)],
                 key_max, h0 if index == 0 else starts[index - 1], dstate, ctx.scale, length, ctx.minor, in_place=not last,
-                forward_flags=own_flags,
+                work=work[index],
             )
         grads = [_from_rows(g, batch, length, ctx.minor) for g in grads]
         dinit = None if h0 is None else dstate.to(ctx.h0_dtype)
         return (*grads, None, None, dinit, None, None, None, None, None, None)
 
 
-def _window_backward(inputs, rows, key_max, start_state, dht, scale, length, minor, in_place, forward_flags):
+def _window_backward(inputs, rows, key_max, start_state, dht, scale, length, minor, in_place, work):
     """One window of `_ChunkReGLATritonWindowed.backward`: the gradients of its tokens written into
     the whole gradient tensors. inputs: q, k, v, z, u of the window ([B, W, H, D] views); rows:
     do, the query max and the five gradients as flat views from the window's first row. Returns
     the state gradient at the window's start (fp32 [B, H, dk, dv]), the later window's dht; with
     in_place written over dht (each state-pass program reads its block of dht before it writes
-    that block), which saves a state-sized buffer. forward_flags: the forward's, of the window's
-    chunks (int8 [B * chunks, H]), used where the state recompute makes b (LAUNCH["window_gates_in_states"],
-    else the gates kernel makes both)."""
+    that block), which saves a state-sized buffer. work: a zeroed `_work_list` for the window."""
     q, k, v, z, u = inputs
     do, q_max, *grads = rows
     batch, window, heads, _ = q.shape
     cu, offsets, table, total = _regular_tables(batch, window, q.device)
     order = _window_order(batch, length, window, heads, minor)
     b_order = _row_order(batch, window, heads, minor)  # b of this window only
-    if LAUNCH["window_gates_in_states"]:
-        flags = forward_flags
-        b = _empty(batch * window, heads, z.shape[-1], device=z.device, dtype=torch.float32)
-        h, _ = _fwd_states(k, v, b, key_max, start_state, cu, offsets, total, False, order=b_order, gates=(z, u))
-    else:
-        b, _, flags, _ = _gates(z, u, k, cu, table, total, key_max, order=b_order)
-        h, _ = _fwd_states(k, v, b, key_max, start_state, cu, offsets, total, False, order=b_order)
+    b, _, flags, _ = _gates(z, u, k, cu, table, total, key_max, order=b_order, work=work)
+    h, _ = _fwd_states(k, v, b, key_max, start_state, cu, offsets, total, False, order=b_order)
     b_shift = order[1] - b_order[1]
     dh, dh_start = _bwd_dstates(
         q, q_max, b, do, dht, cu, offsets, scale, total, v.shape[-1], order=order, b_shift=b_shift,
@@ -600,7 +624,7 @@ def _window_backward(inputs, rows, key_max, start_state, dht, scale, length, min
     )
     _bwd_main(
         q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total, order=order, b_shift=b_shift,
-        out=tuple(grads),
+        out=tuple(grads), work=work,
     )
     return dh_start
 
@@ -702,7 +726,7 @@ def chunk_regla_triton(
     minor = cu_seqlens is None and _batch_minor(q)
     args = (q, k, v, gate_logits, refine_logits, float(scale), key_max, h0, cu, offsets, table, total, minor)
     if low_memory:
-        o, state = _ChunkReGLATritonWindowed.apply(*args, _window_chunks(total // batch))
+        o, state = _ChunkReGLATritonWindowed.apply(*args, _window_chunks(batch, total // batch, heads, dk, dv, dtype))
     else:
         o, state = _ChunkReGLATriton.apply(*args)
     return _from_rows(o, batch, length, minor), state

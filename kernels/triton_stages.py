@@ -287,19 +287,22 @@ def sub_chunk_scores(
 
 @triton.jit
 def chunk_gates_kernel(
-    z_ptr, u_ptr, k_ptr, b_ptr, bend_ptr, flag_ptr, kmax_ptr, table_ptr, cu_ptr,
+    z_ptr, u_ptr, k_ptr, b_ptr, bend_ptr, flag_ptr, kmax_ptr, work_ptr, table_ptr, cu_ptr,
     H, R_T, R_N, S_T, S_N, S_H, Z_T, Z_N, Z_H, DK: tl.constexpr, C: tl.constexpr, LIMIT: tl.constexpr,
-    KEY_MAX: tl.constexpr, STAGES: tl.constexpr,
+    KEY_MAX: tl.constexpr, STAGES: tl.constexpr, WORK: tl.constexpr,
 ):
     """One chunk, one head, token by token: b = cumulative log F from the chunk start (fp32,
     valid rows), the chunk's total log decay b_end (fp32 [DK]) and the flag of
     `chunk_fast_flag` (int8). With KEY_MAX also the key max: the chunk's max of k joins its
-    sequence's entry of kmax (fp32 [N, H], -inf before) by an atomic max.
+    sequence's entry of kmax (fp32 [N, H], -inf before) by an atomic max. With WORK a flag-0
+    chunk joins the sub-chunk kernels' work list (`slow_chunks_kernel`'s layout, count 0 before),
+    which then needs no launch of its own.
 
     The program walks the chunk's rows (one contiguous row of z, u and k per step, STAGES
     loads in flight) and keeps b as a running sum in registers: no scan across threads. On
     the H200 this took the gates from 1.07 ms ([C, 16] tiles with tl.cumsum, issue-bound) to
-    0.61 ms at 64K tokens (benchmarks/NOTES_kernels.md, v7)."""
+    0.61 ms at 64K tokens (benchmarks/NOTES_kernels.md, v7). Two heads or four per program, or a
+    chunk's rows as 2-8 groups walked side by side (a shorter walk), were not faster (v11)."""
     ic = tl.program_id(0)
     head = tl.program_id(1)
     n, c, start, eos = chunk_location(table_ptr, cu_ptr, ic, C)
@@ -318,7 +321,12 @@ def chunk_gates_kernel(
         if KEY_MAX:
             k_max = tl.maximum(k_max, tl.load(k_ptr + input_rows(tok, n, head, S_T, S_N, S_H) + rk).to(tl.float32))
     tl.store(bend_ptr + (ic.to(tl.int64) * H + head) * DK + rk, b)
-    tl.store(flag_ptr + ic.to(tl.int64) * H + head, chunk_fast_flag(b_ref, b, LIMIT).to(tl.int8))
+    flag = chunk_fast_flag(b_ref, b, LIMIT)
+    tl.store(flag_ptr + ic.to(tl.int64) * H + head, flag.to(tl.int8))
+    if WORK:
+        if flag == 0:
+            slot = tl.atomic_add(work_ptr, 1)
+            tl.store(work_ptr + 1 + slot, (ic * H + head).to(tl.int32))
     if KEY_MAX:
         tl.atomic_max(kmax_ptr + n * H + head, tl.max(k_max, axis=0))
 
@@ -354,15 +362,14 @@ def work_item(work_ptr, w, H):
 
 @triton.jit
 def chunk_fwd_states_kernel(
-    k_ptr, v_ptr, b_ptr, kmax_ptr, h0_ptr, h_ptr, ht_ptr, cu_ptr, choff_ptr, z_ptr, u_ptr,
-    H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, Z_T, Z_N, Z_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, DT: tl.constexpr, GATES: tl.constexpr,
+    k_ptr, v_ptr, b_ptr, kmax_ptr, h0_ptr, h_ptr, ht_ptr, starts_ptr, cu_ptr, choff_ptr, every, N,
+    H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, DT: tl.constexpr, STARTS: tl.constexpr,
 ):
     """Sequential over chunks, one (BK x BV) block of the state: h[chunk] = state at the chunk
-    start; with STORE_HT the final state ht (fp32). With GATES, b is not read but made here from
-    the logits z, u (log F by `refined_log_gate_tl`, a scan over the chunk's rows) and stored by
-    the first value block's programs: the low-memory backward's gates pass folded into its state
-    recompute (its rounding is the scan's, not `chunk_gates_kernel`'s row-by-row sum)."""
+    start; with STORE_HT the final state ht (fp32). With STARTS also a second copy of the state at
+    every `every`-th chunk of each sequence but its first, starts[j - 1, n] (h's dtype,
+    [windows - 1, N, H, dk, dv]) at chunk j * every: the low-memory backward's window starts."""
     ik = tl.program_id(0) // (DV // BV)
     iv = tl.program_id(0) % (DV // BV)
     nh = tl.program_id(1)
@@ -381,21 +388,15 @@ def chunk_fwd_states_kernel(
         state += tl.load(h0_ptr + nh.to(tl.int64) * DK * DV + tile).to(tl.float32)
     for c in range(tl.cdiv(eos - bos, C)):
         tl.store(h_ptr + ((first + c) * H + head) * DK * DV + tile, state.to(h_ptr.dtype.element_ty))
+        if STARTS:
+            if (c > 0) & (c % every == 0):
+                tl.store(starts_ptr + ((c // every - 1) * N * H + nh) * DK * DV + tile, state.to(starts_ptr.dtype.element_ty))
         tok = bos + c * C + rc
         mask = tok < eos
         rows = token_rows(tok, n, head, R_T, R_N)
         krows = input_rows(tok, n, head, S_T, S_N, S_H)
-        if GATES:
-            zcols = input_rows(tok, n, head, Z_T, Z_N, Z_H)[:, None] + rk[None, :]
-            z = tl.load(z_ptr + zcols, mask=mask[:, None], other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + zcols, mask=mask[:, None], other=0.0).to(tl.float32)
-            b = tl.cumsum(tl.where(mask[:, None], refined_log_gate_tl(z, u), 0.0), axis=0)
-            b_end = tl.min(b, axis=0)  # the last valid row: b never rises, padding rows add 0
-            if iv == 0:
-                tl.store(b_ptr + rows[:, None] * DK + rk[None, :], b, mask=mask[:, None])
-        else:
-            b = load_chunk_gates(b_ptr, rows, mask, rk, DK)
-            b_end = load_gate_row(b_ptr, bos + c * C, eos, C - 1, n, head, R_T, R_N, rk, DK)
+        b = load_chunk_gates(b_ptr, rows, mask, rk, DK)
+        b_end = load_gate_row(b_ptr, bos + c * C, eos, C - 1, n, head, R_T, R_N, rk, DK)
         k_end = load_key_features(k_ptr, krows, mask, key_max, rk, b_end[None, :] - b)
         v = tl.load(v_ptr + input_rows(tok, n, head, V_T, V_N, V_H)[:, None] + rv[None, :], mask=mask[:, None], other=0.0)
         state = state * tl.exp(b_end)[:, None] + tl.dot(tl.trans(k_end.to(DT)), v.to(DT))

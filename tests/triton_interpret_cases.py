@@ -343,9 +343,9 @@ def test_gate_logit_derivatives_against_exact_values():
 @pytest.mark.parametrize("warps, stages", [(1, 2), (2, 1)])
 def test_gates_kernel(warps, stages, launch):
     """The token-by-token gates kernel gives each chunk's cumulative log gate b, total decay,
-    fast-path flag (`fast_chunk_mask`, its torch twin) and each sequence's key max as the
-    torch functions do (packed sequences, fast and sub-chunk chunks mixed), and the whole
-    forward and backward on top of it match the fp64 recurrence."""
+    fast-path flag (`fast_chunk_mask`, its torch twin), the sub-chunk work list and each
+    sequence's key max as the torch functions do (packed sequences, fast and sub-chunk chunks
+    mixed), and the whole forward and backward on top of it match the fp64 recurrence."""
     from regla_kernels import refined_log_gate, sequence_key_max
 
     d, C = launch.MIN_HEAD_DIM, launch.CHUNK_SIZE
@@ -355,7 +355,8 @@ def test_gates_kernel(warps, stages, launch):
     launch.LAUNCH.update(fast_limit=17.0, gates_warps=warps, gates_stages=stages)
     offsets, table, total = launch._chunk_tables(cu, C)
     z, u, k = (x[0].contiguous() for x in (inputs[3], inputs[4], inputs[1]))
-    b, chunk_decay, flags, key_max = launch._gates(z, u, k, cu, table, total)
+    work = launch._work_list(chunks=total, heads=2, device=z.device)
+    b, chunk_decay, flags, key_max = launch._gates(z, u, k, cu, table, total, work=work)
     want_b, want_decay, want_flags, want_max = [], [], [], []
     for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
         zs, us = inputs[3][:, start:end].double(), inputs[4][:, start:end].double()
@@ -368,6 +369,8 @@ def test_gates_kernel(warps, stages, launch):
         want_max.append(sequence_key_max(inputs[1][:, start:end])[0])
     assert flags.any() and not flags.all(), flags
     assert torch.equal(flags.bool(), torch.cat(want_flags))
+    count = work[0].item()
+    assert sorted(work[1 : 1 + count].tolist()) == (flags.flatten() == 0).nonzero().flatten().tolist()  # the sub-chunk work list
     assert torch.equal(key_max, torch.stack(want_max).float())
     torch.testing.assert_close(b.double(), torch.cat(want_b), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(chunk_decay.double(), torch.cat(want_decay), rtol=1e-5, atol=1e-5)
@@ -442,13 +445,14 @@ def _low_memory(function):
     return lambda *args, **kwargs: function(*args, **kwargs, low_memory=True)
 
 
-@pytest.mark.parametrize("batch, length, windows, fast_limit", [(2, 150, 3, 17.0), (1, 300, 8, 60.0), (2, 200, 2, -1.0)])
+@pytest.mark.parametrize("batch, length, windows, fast_limit", [(2, 150, 3, 17.0), (1, 300, 8, 60.0), (2, 200, 2, -1.0), (2, 330, 0, 17.0)])
 def test_low_memory_backward_over_windows(batch, length, windows, fast_limit, launch):
     """low_memory=True: the backward over time windows (b recomputed per window, each window's
     state pass from the start state the forward kept, the state gradient handed from window to
     window) gives in fp32 exactly the one-pass backward's numbers, bit for bit (the window start
     states are the fp32 states the one pass has there), and the fp64 recurrence's. Windows of 1,
-    2 and 2 chunks with a ragged last one; both kernel paths."""
+    2 and 2 chunks with a ragged last one, and as many as the memory rule picks (0); both kernel
+    paths."""
     from regla_kernels import chunk_regla
 
     d = launch.MIN_HEAD_DIM
@@ -462,27 +466,26 @@ def test_low_memory_backward_over_windows(batch, length, windows, fast_limit, la
     _compare(inputs, bound=2e-5)
 
 
-@pytest.mark.parametrize("minor", [False, True])
-def test_low_memory_with_gates_in_the_state_recompute(minor, launch):
-    """LAUNCH["window_gates_in_states"]: the windowed backward's b made by its state recompute
-    (a scan over each chunk's rows) instead of the gates kernel: the fp64 recurrence's numbers, and
-    the one-pass backward's to fp32 rounding (b's sums in another order)."""
-    from regla_kernels import chunk_regla
+@pytest.mark.parametrize("batch, length, heads", [(32, 2048, 16), (8, 8192, 16), (2, 32768, 16), (1, 640, 2), (64, 128, 4)])
+def test_window_count_keeps_the_memory_rule(batch, length, heads, launch):
+    """backward_windows = 0: the fewest windows whose buffers and start states stay within
+    window_memory_fraction of the outputs (one window fewer would not), or where none does, the
+    count with the fewest bytes; never more windows than chunks."""
+    import math
 
-    d = launch.MIN_HEAD_DIM
-    launch.LAUNCH.update(backward_windows=3, fast_limit=17.0, window_gates_in_states=True)
-    inputs = _inputs(3, 150, 2, 2 * d, d, logit_scale=1.0, seed=47)
-    if minor:
-        inputs = [x.transpose(0, 1).contiguous().transpose(0, 1) for x in inputs[:5]] + inputs[5:]
-    one_pass = lambda *a, **kw: chunk_regla(*a, **kw, output_final_state=True, backend="triton")
-    want = _run_with(one_pass, inputs)
-    got = _run_with(_low_memory(one_pass), inputs)
-    for name, a, b in zip(NAMES, got, want):
-        assert ((a - b).norm() / b.norm()).item() < 1e-5, name
-    assert any(not torch.equal(a, b) for a, b in zip(got[2:], want[2:]))  # b did come from the scan
-    ref = _run("naive", [x.double() for x in inputs])
-    for name, a, b in zip(NAMES, got, ref):
-        assert ((a.double() - b).norm() / b.norm()).item() < 2e-5, name
+    d, dtype = 128, torch.bfloat16
+    chunks = math.ceil(length / launch.CHUNK_SIZE)
+    launch.LAUNCH.update(backward_windows=0)
+    windows = math.ceil(chunks / launch._window_chunks(batch, chunks, heads, d, d, dtype))
+    assert 1 <= windows <= min(16, chunks)
+    budget = launch.LAUNCH["window_memory_fraction"] * batch * length * heads * 6 * d * 2
+    cost = lambda w: launch._window_bytes(w, batch, chunks, heads, d, d, dtype)
+    if cost(windows) <= budget:
+        assert windows == 1 or cost(windows - 1) > budget
+    else:
+        assert all(cost(w) >= cost(windows) for w in range(1, min(16, chunks) + 1))
+    if (batch, length) == (8, 8192):  # the record shape: under 2 GB with o and the gradients
+        assert batch * length * heads * 6 * d * 2 + cost(windows) < 1.98e9
 
 
 def test_low_memory_backward_in_megatron_layout(launch):
