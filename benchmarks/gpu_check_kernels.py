@@ -227,6 +227,8 @@ def main():
         ("low memory fp32 B3 T1000 H4 d128", 3, 1000, 4, 128, 128, torch.float32),
         ("low memory bf16 wide logits B2 T2048 H2", 2, 2048, 2, 128, 128, torch.bfloat16, 4.0),
         ("low memory fp32 logits x2.5 B2 T1500 H2 d64", 2, 1500, 2, 64, 64, torch.float32, 2.5),
+        ("low memory bf16 cu_seqlens [300,5000,77,3000]", 1, 8377, 4, 128, 128, torch.bfloat16, 1.0, [300, 5000, 77, 3000]),
+        ("low memory fp32 cu_seqlens [1,64,65,900] d64", 1, 1030, 2, 64, 64, torch.float32, 2.5, [1, 64, 65, 900]),
     ]
     results = []
     for seed, case in enumerate(cases + low_memory):

@@ -116,7 +116,8 @@ def chunk_regla(
             buffers within 22% of o and the input gradients) and the forward keeps no fp32 gate
             tensor for it (it is recomputed per window): 1.4-1.5 GB less peak memory (under
             2 GB) and 0.54 GB fewer saved activations at 64K tokens, H 16, d 128, for 1.1-1.7 ms
-            (benchmarks/results_kernels.md). Not with cu_seqlens. The other backends ignore it.
+            (benchmarks/results_kernels.md); with cu_seqlens the windows cut across sequences.
+            The other backends ignore it.
     Returns:
         o: [B, T, H, dv] in q's dtype.
         final_state: [N, H, dk, dv] float32 (float64 for float64 inputs), or None.

@@ -23,6 +23,7 @@ place: Megatron's [s, b] activations as [b, s] views need no copy, see `_layout`
 powers of two in [MIN_HEAD_DIM, MAX_HEAD_DIM].
 """
 
+import bisect
 import functools
 import os
 from typing import Optional, Tuple
@@ -554,6 +555,14 @@ def _window_order(batch: int, length: int, window: int, heads: int, minor: bool)
     return row_t, row_n + (length - window) * row_t
 
 
+def _keep_for_windows(ctx, q, k, v, z, u, key_max, q_max, h0, starts):
+    """What both windowed Functions save for their backward (no b, no h: the window start states
+    instead), and the initial state's dtype for its gradient."""
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(q, k, v, z, u, key_max, q_max, h0, starts)
+    ctx.h0_dtype = None if h0 is None else h0.dtype
+
+
 class _ChunkReGLATritonWindowed(torch.autograd.Function):
     """`_ChunkReGLATriton` with a backward over time windows (the same window of every sequence,
     last to first), for memory: b (fp32, as large as two bf16 inputs) is not kept from the
@@ -572,10 +581,8 @@ class _ChunkReGLATritonWindowed(torch.autograd.Function):
             q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, starts=(starts, window_chunks),
         )
         del h, b
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(q, k, v, z, u, key_max, q_max, h0, starts)
+        _keep_for_windows(ctx, q, k, v, z, u, key_max, q_max, h0, starts)
         ctx.scale, ctx.minor, ctx.window = scale, minor, window_chunks * CHUNK_SIZE
-        ctx.h0_dtype = None if h0 is None else h0.dtype
         return o, ht
 
     @staticmethod
@@ -594,33 +601,120 @@ class _ChunkReGLATritonWindowed(torch.autograd.Function):
             dstate = _window_backward(
                 [x[:, first : first + window] for x in (q, k, v, z, u)],
                 [x.view(-1, x.shape[-1])[first * row_t :] for x in (do, q_max.view(-1, 1), *grads)],
-                key_max, h0 if index == 0 else starts[index - 1], dstate, ctx.scale, length, ctx.minor, in_place=not last,
-                work=work[index],
+                key_max, h0 if index == 0 else starts[index - 1], dstate, ctx.scale, _regular_tables(batch, window, q.device),
+                _window_order(batch, length, window, heads, ctx.minor), _row_order(batch, window, heads, ctx.minor), work[index],
+                dh_start=dstate if not last and dstate is not None else None,
             )
         grads = [_from_rows(g, batch, length, ctx.minor) for g in grads]
         dinit = None if h0 is None else dstate.to(ctx.h0_dtype)
         return (*grads, None, None, dinit, None, None, None, None, None, None)
 
 
-def _window_backward(inputs, rows, key_max, start_state, dht, scale, length, minor, in_place, work):
-    """One window of `_ChunkReGLATritonWindowed.backward`: the gradients of its tokens written into
-    the whole gradient tensors. inputs: q, k, v, z, u of the window ([B, W, H, D] views); rows:
-    do, the query max and the five gradients as flat views from the window's first row. Returns
-    the state gradient at the window's start (fp32 [B, H, dk, dv]), the later window's dht; with
-    in_place written over dht (each state-pass program reads its block of dht before it writes
-    that block), which saves a state-sized buffer. work: a zeroed `_work_list` for the window."""
+class _PackedWindow:
+    """One window of the packed low-memory backward: global chunks [first_chunk, end_chunk), tokens
+    [start, end), and the pieces of sequences in it (`sequences`, int64 on the device) with their
+    tables relative to `start` (`_chunk_tables`). `continued`: the first piece starts inside its
+    sequence (its state comes from the forward's saved start, its state gradient goes to the
+    window before); `continues`: the last piece ends inside its sequence (its end gradient comes
+    from the window after)."""
+
+    def __init__(self, bounds, chunk_offsets, chunk_counts, first_chunk, end_chunk, device):
+        pieces, sequence = [], bisect.bisect_right(chunk_offsets, first_chunk) - 1
+        while sequence < len(chunk_counts) and chunk_offsets[sequence] < end_chunk:
+            if chunk_counts[sequence]:
+                lo = max(first_chunk, chunk_offsets[sequence]) - chunk_offsets[sequence]
+                hi = min(end_chunk, chunk_offsets[sequence] + chunk_counts[sequence]) - chunk_offsets[sequence]
+                begin = bounds[sequence] + lo * CHUNK_SIZE
+                pieces.append((sequence, begin, min(bounds[sequence + 1], bounds[sequence] + hi * CHUNK_SIZE), lo, hi))
+            sequence += 1
+        self.first_chunk, self.start, self.end = first_chunk, pieces[0][1], pieces[-1][2]
+        self.continued = pieces[0][3] > 0
+        self.continues = pieces[-1][4] < chunk_counts[pieces[-1][0]]
+        self.sequences = torch.tensor([piece[0] for piece in pieces], dtype=torch.int64, device=device)
+        cu = torch.tensor([piece[1] - self.start for piece in pieces] + [self.end - self.start], dtype=torch.int32)
+        offsets, table, total = _chunk_tables(cu, CHUNK_SIZE)
+        self.tables = (cu.to(device), offsets.to(device), table.to(device), total)
+
+
+def _packed_windows(cu: torch.Tensor, chunk_offsets: torch.Tensor, total: int, window_chunks: int) -> list:
+    """The `_PackedWindow`s of packed sequences (cu_seqlens `cu`, first chunk per sequence
+    `chunk_offsets`) cut into windows of `window_chunks` global chunks."""
+    bounds, offsets = cu.tolist(), chunk_offsets.tolist()
+    counts = [(b - a + CHUNK_SIZE - 1) // CHUNK_SIZE for a, b in zip(bounds[:-1], bounds[1:])]
+    return [
+        _PackedWindow(bounds, offsets, counts, first, min(total, first + window_chunks), cu.device)
+        for first in range(0, total, window_chunks)
+    ]
+
+
+class _ChunkReGLATritonPackedWindowed(torch.autograd.Function):
+    """`_ChunkReGLATritonWindowed` for packed sequences (B = 1, cu_seqlens): windows of equal
+    numbers of global chunks, each holding pieces of one or more sequences (`_PackedWindow`). A
+    piece that starts inside its sequence starts from the state the forward kept at that chunk; a
+    piece that ends inside its sequence takes the state gradient the later window handed back;
+    the others take the sequence's initial state and final-state gradient, and give its
+    initial-state gradient."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, windows):
+        o, ht, b, flags, key_max, h, q_max, _ = _forward(q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor)
+        firsts = torch.tensor([w.first_chunk for w in windows[1:]], dtype=torch.int64, device=h.device)
+        starts = h.index_select(0, firsts)  # [W - 1, H, dk, dv]: h at each later window's first chunk
+        del h, b
+        _keep_for_windows(ctx, q, k, v, z, u, key_max, q_max, h0, starts)
+        ctx.scale, ctx.windows = scale, windows
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, z, u, key_max, q_max, h0, starts = ctx.saved_tensors
+        _, length, heads, dk = q.shape
+        dv, sequences = v.shape[-1], key_max.shape[0]
+        do = _output_grad(do, length, v)
+        grads = [_empty(length, heads, x.shape[-1], device=x.device, dtype=x.dtype) for x in (q, k, v, z, u)]
+        state = lambda: torch.zeros(sequences, heads, dk, dv, device=q.device, dtype=torch.float32)
+        # an empty sequence passes its final-state gradient to its initial state unchanged
+        dinit = dht.float().clone() if dht is not None else state()
+        work = _work_list(len(ctx.windows), chunks=max(w.tables[3] for w in ctx.windows), heads=heads, device=q.device)
+        handed = None  # the state gradient at the later window's first chunk
+        for index in reversed(range(len(ctx.windows))):
+            w = ctx.windows[index]
+            init = h0.float()[w.sequences] if h0 is not None else (state()[w.sequences] if w.continued else None)
+            if w.continued:
+                init[0] = starts[index - 1]
+            end_grad = dht.float()[w.sequences] if dht is not None else (state()[w.sequences] if w.continues else None)
+            if w.continues:
+                end_grad[-1] = handed
+            dh_start = _window_backward(
+                [x[:, w.start : w.end] for x in (q, k, v, z, u)],
+                [x.view(-1, x.shape[-1])[w.start * heads :] for x in (do, q_max.view(-1, 1), *grads)],
+                key_max[w.sequences], init, end_grad, ctx.scale, w.tables, (heads, 0), (heads, 0), work[index],
+            )
+            if w.continued:
+                handed, dh_start = dh_start[0], dh_start[1:]
+            dinit[w.sequences[1:] if w.continued else w.sequences] = dh_start
+        grads = [g.view(1, length, *g.shape[1:]) for g in grads]
+        dinit = None if h0 is None else dinit.to(ctx.h0_dtype)
+        return (*grads, None, None, dinit, None, None, None, None, None, None)
+
+
+def _window_backward(inputs, rows, key_max, start_state, dht, scale, tables, order, b_order, work, dh_start=None):
+    """One window of a low-memory backward: the gradients of its tokens written into the whole
+    gradient tensors. inputs: q, k, v, z, u of the window ([B, W, H, D] views); rows: do, the query
+    max and the five gradients as flat views from the window's first row; key_max, start_state
+    and dht of the window's sequences (or sequence pieces); tables: `_regular_tables` or
+    `_chunk_tables` of the window; order: the rows of do and the gradients, b_order b's (this
+    window's only); work: a zeroed `_work_list`. Returns the state gradient at each sequence's
+    start in the window (fp32 [N, H, dk, dv]), written into `dh_start` when given (which may be
+    dht itself: each state-pass program reads its block of dht before it writes that block)."""
     q, k, v, z, u = inputs
     do, q_max, *grads = rows
-    batch, window, heads, _ = q.shape
-    cu, offsets, table, total = _regular_tables(batch, window, q.device)
-    order = _window_order(batch, length, window, heads, minor)
-    b_order = _row_order(batch, window, heads, minor)  # b of this window only
+    cu, offsets, table, total = tables
     b, _, flags, _ = _gates(z, u, k, cu, table, total, key_max, order=b_order, work=work)
     h, _ = _fwd_states(k, v, b, key_max, start_state, cu, offsets, total, False, order=b_order)
     b_shift = order[1] - b_order[1]
     dh, dh_start = _bwd_dstates(
-        q, q_max, b, do, dht, cu, offsets, scale, total, v.shape[-1], order=order, b_shift=b_shift,
-        dh0=dht if in_place and dht is not None else None,
+        q, q_max, b, do, dht, cu, offsets, scale, total, v.shape[-1], order=order, b_shift=b_shift, dh0=dh_start,
     )
     _bwd_main(
         q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total, order=order, b_shift=b_shift,
@@ -692,18 +786,14 @@ def chunk_regla_triton(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Backend function of `chunk_regla` (see chunk.py for the contract).
 
-    low_memory: the backward over time windows (`_ChunkReGLATritonWindowed`), never as segments.
+    low_memory: the backward over time windows (`_ChunkReGLATritonWindowed`, with cu_seqlens
+    `_ChunkReGLATritonPackedWindowed`), never as segments.
 
     Returns o [B, T, H, dv] in q's dtype and the final state [N, H, dk, dv] in fp32 (None
     when output_final_state is False and the sequences went as segments, see
     LAUNCH["segment_min_programs"]).
     """
     _check(q, v)
-    if low_memory and cu_seqlens is not None:
-        raise NotImplementedError(
-            "chunk_regla: low_memory=True is not implemented for packed sequences (cu_seqlens); "
-            "use low_memory=False there, or a [B, T] batch"
-        )
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
     dtype = q.dtype
@@ -725,7 +815,10 @@ def chunk_regla_triton(
     h0 = None if initial_state is None else initial_state.contiguous()
     minor = cu_seqlens is None and _batch_minor(q)
     args = (q, k, v, gate_logits, refine_logits, float(scale), key_max, h0, cu, offsets, table, total, minor)
-    if low_memory:
+    if low_memory and cu_seqlens is not None:
+        windows = _packed_windows(cu, offsets, total, _window_chunks(1, total, heads, dk, dv, dtype))
+        o, state = _ChunkReGLATritonPackedWindowed.apply(*args, windows)
+    elif low_memory:
         o, state = _ChunkReGLATritonWindowed.apply(*args, _window_chunks(batch, total // batch, heads, dk, dv, dtype))
     else:
         o, state = _ChunkReGLATriton.apply(*args)

@@ -75,8 +75,7 @@ REGLA_OPTIONS = (
     Option("cp-overlap-forward", _bool, "Under CP (Triton, zigzag): the forward state all-gather per "
            "segment, overlapped with the other segment's compute (off by default; for slow links)."),
     Option("low-memory", _bool, "Triton path without CP: backward over time windows, no fp32 gate "
-           "tensor kept from the forward (less activation and peak memory, some speed; not with "
-           "packed sequences)."),
+           "tensor kept from the forward (less activation and peak memory, some speed)."),
 )
 
 

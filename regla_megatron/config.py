@@ -76,7 +76,7 @@ class ReGLAConfig(TransformerConfig):
     """Triton path without CP: the kernels' backward over time windows, the forward keeping no fp32
     gate tensor for it (`chunk_regla(..., low_memory=True)`): 0.54 GB fewer saved activations per
     layer and about 1.4 GB lower backward peak at 64K tokens, 16 heads of 128, for some speed
-    (benchmarks/results_kernels.md). Not with packed sequences."""
+    (benchmarks/results_kernels.md). Packed sequences (THD) too."""
 
     def __post_init__(self):
         super().__post_init__()

@@ -533,13 +533,29 @@ def test_gradients_through_one_output_alone(low_memory, launch):
             assert error < 2e-5 or (b.norm() == 0 and a.norm() == 0), (which, index, error)
 
 
-def test_low_memory_with_packed_sequences_names_the_limit(launch):
+@pytest.mark.parametrize("windows, lengths", [(3, [37, 100, 0, 1, 13, 190]), (5, [300]), (0, [64, 64, 65, 1])])
+def test_low_memory_backward_with_packed_sequences(windows, lengths, launch):
+    """low_memory=True with cu_seqlens: windows of global chunks holding pieces of one or more
+    sequences (sequences cut by window edges, whole ones, an empty and a one-token one; one
+    sequence over five windows; the window count of the memory rule): in fp32 bit for bit the
+    one-pass backward's outputs and gradients (initial states included), and the fp64
+    recurrence's where no sequence is empty."""
     from regla_kernels import chunk_regla
 
-    x = torch.randn(1, 70, 1, launch.MIN_HEAD_DIM)
-    cu = torch.tensor([0, 30, 70], dtype=torch.int32)
-    with pytest.raises(NotImplementedError, match="low_memory.*cu_seqlens"):
-        chunk_regla(x, x, x, x, x, cu_seqlens=cu, backend="triton", low_memory=True)
+    d = launch.MIN_HEAD_DIM
+    launch.LAUNCH.update(backward_windows=windows, fast_limit=17.0)
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    inputs = _inputs(1, sum(lengths), 2, 2 * d, d, sequences=len(lengths), logit_scale=1.0, seed=53)
+    one_pass = lambda *a, **kw: chunk_regla(*a, **kw, output_final_state=True, backend="triton")
+    want = _run_with(one_pass, inputs, cu)
+    got = _run_with(_low_memory(one_pass), inputs, cu)
+    for name, a, b in zip(NAMES, got, want):
+        assert torch.equal(a, b), name
+    if 0 in lengths:  # the fp64 recurrence takes no empty sequence (its key max)
+        return
+    ref = _run("naive", [x.double() for x in inputs], cu)
+    for name, a, b in zip(NAMES, got, ref):
+        assert ((a.double() - b).norm() / b.norm()).item() < 2e-5, name
 
 
 def test_saturated_gates(launch):
