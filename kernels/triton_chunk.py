@@ -119,7 +119,7 @@ LAUNCH = {
     # window_memory_fraction of the backward's outputs (o and the input gradients, which any
     # backward holds): each window costs about 0.1 ms (H200, 8K: 6.92 / 6.77 / 6.50 ms at 8 / 6 /
     # 4 windows, benchmarks/runs/s8_call2). 0.22 keeps the record shape (bf16, 64K tokens, H 16,
-    # d 128) under 2 GB at every T: 7 windows at 2K (the start states of 32 sequences), 5 at 32K.
+    # d 128) under 2 GB at every T: 8 windows at 2K (the start states of 32 sequences), 6 from 4K.
     "backward_windows": 0,
     "window_memory_fraction": 0.22,
 }
@@ -531,15 +531,15 @@ def _window_bytes(windows: int, batch: int, chunks: int, heads: int, dk: int, dv
     return batch * heads * (-(-chunks // windows) * per_chunk + (windows - 1) * dk * dv * state)
 
 
-def _window_chunks(batch: int, chunks: int, heads: int, dk: int, dv: int, dtype: torch.dtype) -> int:
+def _window_chunks(batch: int, chunks: int, heads: int, dk: int, dv: int, dtype: torch.dtype, tokens: int) -> int:
     """Chunks per window of the low-memory backward: LAUNCH["backward_windows"] windows (at most
     one per chunk), or with 0 the fewest (up to 16) whose `_window_bytes` are within
-    LAUNCH["window_memory_fraction"] of the outputs (o and the five input gradients), else the
-    count with the fewest bytes."""
+    LAUNCH["window_memory_fraction"] of the outputs (o and the five input gradients of `tokens`
+    tokens in all), else the count with the fewest bytes."""
     if LAUNCH["backward_windows"] > 0:
         return -(-chunks // min(LAUNCH["backward_windows"], chunks))
     element = torch.empty((), dtype=dtype).element_size()
-    outputs = batch * chunks * CHUNK_SIZE * heads * (4 * dk + 2 * dv) * element
+    outputs = tokens * heads * (4 * dk + 2 * dv) * element
     counts = range(1, min(16, chunks) + 1)
     cost = {w: _window_bytes(w, batch, chunks, heads, dk, dv, dtype) for w in counts}
     within = [w for w in counts if cost[w] <= LAUNCH["window_memory_fraction"] * outputs]
@@ -672,17 +672,19 @@ class _ChunkReGLATritonPackedWindowed(torch.autograd.Function):
         dv, sequences = v.shape[-1], key_max.shape[0]
         do = _output_grad(do, length, v)
         grads = [_empty(length, heads, x.shape[-1], device=x.device, dtype=x.dtype) for x in (q, k, v, z, u)]
-        state = lambda: torch.zeros(sequences, heads, dk, dv, device=q.device, dtype=torch.float32)
-        # an empty sequence passes its final-state gradient to its initial state unchanged
-        dinit = dht.float().clone() if dht is not None else state()
+        zeros = lambda pieces: torch.zeros(pieces, heads, dk, dv, device=q.device, dtype=torch.float32)
+        dinit = None
+        if h0 is not None:  # an empty sequence passes its final-state gradient to its initial state unchanged
+            dinit = dht.float().clone() if dht is not None else zeros(sequences)
         work = _work_list(len(ctx.windows), chunks=max(w.tables[3] for w in ctx.windows), heads=heads, device=q.device)
         handed = None  # the state gradient at the later window's first chunk
         for index in reversed(range(len(ctx.windows))):
             w = ctx.windows[index]
-            init = h0.float()[w.sequences] if h0 is not None else (state()[w.sequences] if w.continued else None)
+            pieces = w.sequences.numel()
+            init = h0[w.sequences].float() if h0 is not None else (zeros(pieces) if w.continued else None)
             if w.continued:
                 init[0] = starts[index - 1]
-            end_grad = dht.float()[w.sequences] if dht is not None else (state()[w.sequences] if w.continues else None)
+            end_grad = dht[w.sequences].float() if dht is not None else (zeros(pieces) if w.continues else None)
             if w.continues:
                 end_grad[-1] = handed
             dh_start = _window_backward(
@@ -692,9 +694,10 @@ class _ChunkReGLATritonPackedWindowed(torch.autograd.Function):
             )
             if w.continued:
                 handed, dh_start = dh_start[0], dh_start[1:]
-            dinit[w.sequences[1:] if w.continued else w.sequences] = dh_start
+            if dinit is not None:
+                dinit[w.sequences[1:] if w.continued else w.sequences] = dh_start
         grads = [g.view(1, length, *g.shape[1:]) for g in grads]
-        dinit = None if h0 is None else dinit.to(ctx.h0_dtype)
+        dinit = None if dinit is None else dinit.to(ctx.h0_dtype)
         return (*grads, None, None, dinit, None, None, None, None, None, None)
 
 
@@ -815,11 +818,12 @@ def chunk_regla_triton(
     h0 = None if initial_state is None else initial_state.contiguous()
     minor = cu_seqlens is None and _batch_minor(q)
     args = (q, k, v, gate_logits, refine_logits, float(scale), key_max, h0, cu, offsets, table, total, minor)
-    if low_memory and cu_seqlens is not None:
-        windows = _packed_windows(cu, offsets, total, _window_chunks(1, total, heads, dk, dv, dtype))
+    if low_memory and cu_seqlens is not None and total > 0:
+        windows = _packed_windows(cu, offsets, total, _window_chunks(1, total, heads, dk, dv, dtype, length))
         o, state = _ChunkReGLATritonPackedWindowed.apply(*args, windows)
-    elif low_memory:
-        o, state = _ChunkReGLATritonWindowed.apply(*args, _window_chunks(batch, total // batch, heads, dk, dv, dtype))
+    elif low_memory and total > 0:
+        chunks = total // batch
+        o, state = _ChunkReGLATritonWindowed.apply(*args, _window_chunks(batch, chunks, heads, dk, dv, dtype, batch * length))
     else:
         o, state = _ChunkReGLATriton.apply(*args)
     return _from_rows(o, batch, length, minor), state

@@ -476,7 +476,7 @@ def test_window_count_keeps_the_memory_rule(batch, length, heads, launch):
     d, dtype = 128, torch.bfloat16
     chunks = math.ceil(length / launch.CHUNK_SIZE)
     launch.LAUNCH.update(backward_windows=0)
-    windows = math.ceil(chunks / launch._window_chunks(batch, chunks, heads, d, d, dtype))
+    windows = math.ceil(chunks / launch._window_chunks(batch, chunks, heads, d, d, dtype, batch * length))
     assert 1 <= windows <= min(16, chunks)
     budget = launch.LAUNCH["window_memory_fraction"] * batch * length * heads * 6 * d * 2
     cost = lambda w: launch._window_bytes(w, batch, chunks, heads, d, d, dtype)
@@ -556,6 +556,22 @@ def test_low_memory_backward_with_packed_sequences(windows, lengths, launch):
     ref = _run("naive", [x.double() for x in inputs], cu)
     for name, a, b in zip(NAMES, got, ref):
         assert ((a.double() - b).norm() / b.norm()).item() < 2e-5, name
+
+
+def test_low_memory_with_no_tokens(launch):
+    """Packed sequences that are all empty: the initial states come back as the final states and
+    their gradients pass through, as without low_memory."""
+    from regla_kernels import chunk_regla
+
+    d = launch.MIN_HEAD_DIM
+    x = torch.zeros(1, 0, 2, d)
+    h0 = torch.randn(2, 2, d, d, requires_grad=True)
+    cu = torch.tensor([0, 0, 0], dtype=torch.int32)
+    o, state = chunk_regla(x, x, x, x, x, initial_state=h0, cu_seqlens=cu, output_final_state=True, backend="triton", low_memory=True)
+    assert o.shape == (1, 0, 2, d) and torch.equal(state, h0)
+    weights = torch.randn(state.shape)
+    (grad,) = torch.autograd.grad((state * weights).sum(), h0)
+    assert torch.equal(grad, weights)
 
 
 def test_saturated_gates(launch):
