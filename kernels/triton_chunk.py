@@ -593,7 +593,7 @@ class _ChunkReGLATritonWindowed(torch.autograd.Function):
         do = _output_grad(do, batch * length, v)
         grads = [_empty(batch * length, heads, x.shape[-1], device=x.device, dtype=x.dtype) for x in (q, k, v, z, u)]
         dstate = None if dht is None else dht.float().contiguous()
-        windows = -(-length // ctx.window)
+        windows = starts.shape[0] + 1
         work = _work_list(windows, chunks=batch * -(-ctx.window // CHUNK_SIZE), heads=heads, device=q.device)
         for index in reversed(range(windows)):
             first, window = index * ctx.window, min(ctx.window, length - index * ctx.window)
@@ -822,8 +822,7 @@ def chunk_regla_triton(
         windows = _packed_windows(cu, offsets, total, _window_chunks(1, total, heads, dk, dv, dtype, length))
         o, state = _ChunkReGLATritonPackedWindowed.apply(*args, windows)
     elif low_memory and total > 0:
-        chunks = total // batch
-        o, state = _ChunkReGLATritonWindowed.apply(*args, _window_chunks(batch, chunks, heads, dk, dv, dtype, batch * length))
+        o, state = _ChunkReGLATritonWindowed.apply(*args, _window_chunks(batch, total // batch, heads, dk, dv, dtype, batch * length))
     else:
         o, state = _ChunkReGLATriton.apply(*args)
     return _from_rows(o, batch, length, minor), state

@@ -97,7 +97,7 @@ def token_rows(tok, n, head, R_T, R_N):
 def sequence_gates(b_ptr, n, BSHIFT, DK: tl.constexpr):
     """b_ptr for sequence n's rows. b is addressed by `token_rows` like the other per-token
     tensors, less n * BSHIFT rows: a backward over time windows keeps b for its window only
-    while do and the gradients stay whole (`triton_chunk._WindowedBackward`); 0 otherwise."""
+    while do and the gradients stay whole (`triton_chunk._ChunkReGLATritonWindowed`); 0 otherwise."""
     return b_ptr - n.to(tl.int64) * BSHIFT * DK
 
 

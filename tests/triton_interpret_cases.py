@@ -440,9 +440,17 @@ def test_inputs_with_strided_features_are_made_contiguous(launch):
         assert torch.equal(a, b)
 
 
-def _low_memory(function):
-    """`function` (a `chunk_regla` call) with the windowed low-memory backward."""
-    return lambda *args, **kwargs: function(*args, **kwargs, low_memory=True)
+def _low_memory_equals_one_pass(inputs, cu_seqlens=None):
+    """The Triton path's outputs and gradients (`_run_with`) with low_memory=True, asserted bit for
+    bit equal to the one-pass backward's."""
+    from regla_kernels import chunk_regla
+
+    one_pass = lambda *a, **kw: chunk_regla(*a, **kw, output_final_state=True, backend="triton")
+    want = _run_with(one_pass, inputs, cu_seqlens)
+    got = _run_with(lambda *a, **kw: one_pass(*a, **kw, low_memory=True), inputs, cu_seqlens)
+    for name, a, b in zip(NAMES, got, want):
+        assert torch.equal(a, b), name
+    return got
 
 
 @pytest.mark.parametrize("batch, length, windows, fast_limit", [(2, 150, 3, 17.0), (1, 300, 8, 60.0), (2, 200, 2, -1.0), (2, 330, 0, 17.0)])
@@ -453,16 +461,10 @@ def test_low_memory_backward_over_windows(batch, length, windows, fast_limit, la
     states are the fp32 states the one pass has there), and the fp64 recurrence's. Windows of 1,
     2 and 2 chunks with a ragged last one, and as many as the memory rule picks (0); both kernel
     paths."""
-    from regla_kernels import chunk_regla
-
     d = launch.MIN_HEAD_DIM
     launch.LAUNCH.update(backward_windows=windows, fast_limit=fast_limit)
     inputs = _inputs(batch, length, 2, 2 * d, d, logit_scale=1.0, seed=41)
-    one_pass = lambda *a, **kw: chunk_regla(*a, **kw, output_final_state=True, backend="triton")
-    want = _run_with(one_pass, inputs)
-    got = _run_with(_low_memory(one_pass), inputs)
-    for name, a, b in zip(NAMES, got, want):
-        assert torch.equal(a, b), name
+    _low_memory_equals_one_pass(inputs)
     _compare(inputs, bound=2e-5)
 
 
@@ -498,11 +500,7 @@ def test_low_memory_backward_in_megatron_layout(launch):
     launch.LAUNCH.update(backward_windows=3, fast_limit=17.0)
     inputs = _inputs(3, 150, 2, d, d, logit_scale=1.0, seed=43)
     minor = [x.transpose(0, 1).contiguous().transpose(0, 1) for x in inputs[:5]] + inputs[5:]
-    one_pass = lambda *a, **kw: chunk_regla(*a, **kw, output_final_state=True, backend="triton")
-    want = _run_with(one_pass, minor)
-    got = _run_with(_low_memory(one_pass), minor)
-    for name, a, b in zip(NAMES, got, want):
-        assert torch.equal(a, b), name
+    _low_memory_equals_one_pass(minor)
     leaves = [x.detach().requires_grad_(True) for x in minor[:5]]
     o, _ = chunk_regla(*leaves, backend="triton", low_memory=True)
     grads = torch.autograd.grad(o.sum(), leaves)
@@ -540,17 +538,11 @@ def test_low_memory_backward_with_packed_sequences(windows, lengths, launch):
     sequence over five windows; the window count of the memory rule): in fp32 bit for bit the
     one-pass backward's outputs and gradients (initial states included), and the fp64
     recurrence's where no sequence is empty."""
-    from regla_kernels import chunk_regla
-
     d = launch.MIN_HEAD_DIM
     launch.LAUNCH.update(backward_windows=windows, fast_limit=17.0)
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
     inputs = _inputs(1, sum(lengths), 2, 2 * d, d, sequences=len(lengths), logit_scale=1.0, seed=53)
-    one_pass = lambda *a, **kw: chunk_regla(*a, **kw, output_final_state=True, backend="triton")
-    want = _run_with(one_pass, inputs, cu)
-    got = _run_with(_low_memory(one_pass), inputs, cu)
-    for name, a, b in zip(NAMES, got, want):
-        assert torch.equal(a, b), name
+    got = _low_memory_equals_one_pass(inputs, cu)
     if 0 in lengths:  # the fp64 recurrence takes no empty sequence (its key max)
         return
     ref = _run("naive", [x.double() for x in inputs], cu)
