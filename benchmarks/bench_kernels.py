@@ -47,6 +47,10 @@ def regla_low_memory_call(inputs):
     return regla_chunk_call(inputs, low_memory=True)
 
 
+def regla_low_memory_backward_call(inputs):
+    return regla_chunk_call(inputs, low_memory="backward")
+
+
 def fla_step(inputs, log_gate):
     from fla.ops.gla import chunk_gla
 
@@ -123,6 +127,10 @@ def measure_regla_low_memory(inputs):
     return measure(regla_low_memory_call, inputs, list(inputs[:5]))
 
 
+def measure_regla_low_memory_backward(inputs):
+    return measure(regla_low_memory_backward_call, inputs, list(inputs[:5]))
+
+
 def measure_fla(inputs):
     """fla chunk_gla fed log F in fp32 (bf16 if this fla refuses fp32 gates)."""
     z, u = inputs[3].detach(), inputs[4].detach()
@@ -140,7 +148,10 @@ def measure_sdpa(inputs):
     return measure(sdpa_step, inputs, list(inputs[:3]))
 
 
-MEASURES = {"regla": measure_regla, "regla_lm": measure_regla_low_memory, "fla": measure_fla, "sdpa": measure_sdpa}
+MEASURES = {
+    "regla": measure_regla, "regla_lm": measure_regla_low_memory, "regla_lmb": measure_regla_low_memory_backward,
+    "fla": measure_fla, "sdpa": measure_sdpa,
+}
 
 
 # Greedy sweep: each launch setting in turn, its alternatives tried on top of the best so far
@@ -228,18 +239,21 @@ def markdown(meta, rows):
         "triton.testing.do_bench; peak = extra memory of one forward+backward (outputs and gradients included).",
         "fla `chunk_gla` is fed ReGLA's gate precomputed as log F (fp32), the paper's setup.",
         "",
-        "| T | B | ReGLA fwd / fwd+bwd ms | peak GB | fla chunk_gla fwd / fwd+bwd ms | peak GB | SDPA fwd / fwd+bwd ms | peak GB | fwd+bwd vs fla | vs SDPA | ReGLA GB/s fwd / fwd+bwd | ReGLA low_memory fwd / fwd+bwd ms | peak GB | vs fla |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| T | B | ReGLA fwd / fwd+bwd ms | peak GB | fla chunk_gla fwd / fwd+bwd ms | peak GB | SDPA fwd / fwd+bwd ms | peak GB | fwd+bwd vs fla | vs SDPA | ReGLA GB/s fwd / fwd+bwd | ReGLA low_memory fwd / fwd+bwd ms | peak GB | vs fla | low_memory=\"backward\" fwd / fwd+bwd ms | peak GB | vs fla |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = lambda key, of="regla": f"{r[of][1] / r[key][1]:.3f}x" if of in r and key in r else "n/a"
         gbps = f"{r['regla_fwd_GBps']:.0f} / {r['regla_fwd_bwd_GBps']:.0f}" if "regla" in r else "n/a"
         lines.append(
             f"| {r['T']} | {r['B']} | {fmt(r, 'regla')} | {fmt(r, 'fla')} | {fmt(r, 'sdpa')} | {ratio('fla')} | {ratio('sdpa')} | {gbps} "
-            f"| {fmt(r, 'regla_lm')} | {ratio('fla', 'regla_lm')} |"
+            f"| {fmt(r, 'regla_lm')} | {ratio('fla', 'regla_lm')} | {fmt(r, 'regla_lmb')} | {ratio('fla', 'regla_lmb')} |"
         )
     lines.append("")
-    lines.append("Ratios are ReGLA fwd+bwd time over the other's (lower is better). low_memory: `chunk_regla(..., low_memory=True)`.")
+    lines.append(
+        "Ratios are ReGLA fwd+bwd time over the other's (lower is better). low_memory: `chunk_regla(..., low_memory=True)` "
+        "(b computed again per window, no gate tensor saved); \"backward\": `low_memory=\"backward\"` (b kept from the forward)."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -258,7 +272,7 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks"))
     parser.add_argument("--lengths", default="2048,4096,8192,16384,32768")
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--methods", default="regla,regla_lm,sdpa,fla", help="in this order per length")
+    parser.add_argument("--methods", default="regla,regla_lm,regla_lmb,sdpa,fla", help="in this order per length")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-lengths", default="8192", help="lengths the --profile runs at")
     parser.add_argument("--gate", default="2,1", help="gate logit mean,std (default 2,1)")
@@ -289,10 +303,9 @@ def main():
     rows = bench([int(x) for x in args.lengths.split(",") if x], [m for m in args.methods.split(",") if m], write)
     if args.profile:
         result["profile"] = {length: profile(int(length)) for length in args.profile_lengths.split(",")}
-        if "regla_lm" in args.methods.split(","):
-            result["profile_low_memory"] = {
-                length: profile(int(length), regla_low_memory_call, " low_memory") for length in args.profile_lengths.split(",")
-            }
+        for method, call, tag in (("regla_lm", regla_low_memory_call, "low_memory"), ("regla_lmb", regla_low_memory_backward_call, "low_memory_backward")):
+            if method in args.methods.split(","):
+                result[f"profile_{tag}"] = {length: profile(int(length), call, f" {tag}") for length in args.profile_lengths.split(",")}
         write(rows)
     print(markdown(meta, rows), flush=True)
 

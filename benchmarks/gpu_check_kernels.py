@@ -36,13 +36,19 @@ def draw(batch, length, heads, dk, dv, dtype, logit_scale, sequences, gen):
     return [q, k, v, z, u, h0]
 
 
-def run(backend, inputs, cu, weights, low_memory=False):
+def run(backend, inputs, cu, weights, low_memory=False, twice=False):
+    """Output, final state and every input gradient. twice: the gradients come from a second
+    backward through the same graph (retain_graph), asserted bit for bit equal to the first's
+    (the first writes the gate gradients over the b the forward kept; the second computes b again)."""
     leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
     o, state = chunk_regla(
         *leaves[:5], initial_state=leaves[5], output_final_state=True, cu_seqlens=cu, backend=backend, low_memory=low_memory
     )
     loss = (o.double() * weights[0]).sum() + (state.double() * weights[1]).sum()
+    first = torch.autograd.grad(loss, leaves, retain_graph=True) if twice else None
     loss.backward()
+    if twice and not all(torch.equal(a, x.grad) for a, x in zip(first, leaves)):
+        raise AssertionError("a second backward through the same graph differs from the first")
     return [o.detach(), state.detach()] + [x.grad for x in leaves]
 
 
@@ -50,7 +56,7 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
-def check(label, batch, length, heads, dk, dv, dtype, logit_scale=1.0, seqlens=None, seed=0, low_memory=False):
+def check(label, batch, length, heads, dk, dv, dtype, logit_scale=1.0, seqlens=None, seed=0, low_memory=False, twice=False):
     """Triton against the torch reference in fp64 (forward, final state, every gradient). With
     low_memory the windowed backward, which in fp32 must also equal the one-pass backward bit for bit."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -67,7 +73,7 @@ def check(label, batch, length, heads, dk, dv, dtype, logit_scale=1.0, seqlens=N
     else:
         fast = float("nan")
     start = time.time()
-    got = run("triton", inputs, cu, weights, low_memory)
+    got = run("triton", inputs, cu, weights, low_memory, twice)
     torch.cuda.synchronize()
     ref = run("torch", [x.double() for x in inputs], cu, weights)
     errors = {name: rel(a, b) for name, a, b in zip(NAMES, got, ref)}
@@ -222,18 +228,26 @@ def main():
         ("bf16 cu_seqlens [300,1000,77] H4 d128", 1, 1377, 4, 128, 128, torch.bfloat16, 1.0, [300, 1000, 77]),
         ("fp32 cu_seqlens [1,64,65,500] H2 d64", 1, 630, 2, 64, 64, torch.float32, 1.0, [1, 64, 65, 500]),
     ]
-    low_memory = [  # the windowed backward (chunk_regla(..., low_memory=True))
-        ("low memory bf16 B2 T8192 H4 d128", 2, 8192, 4, 128, 128, torch.bfloat16),
-        ("low memory fp32 B3 T1000 H4 d128", 3, 1000, 4, 128, 128, torch.float32),
-        ("low memory bf16 wide logits B2 T2048 H2", 2, 2048, 2, 128, 128, torch.bfloat16, 4.0),
-        ("low memory fp32 logits x2.5 B2 T1500 H2 d64", 2, 1500, 2, 64, 64, torch.float32, 2.5),
-        ("low memory bf16 cu_seqlens [300,5000,77,3000]", 1, 8377, 4, 128, 128, torch.bfloat16, 1.0, [300, 5000, 77, 3000]),
-        ("low memory fp32 cu_seqlens [1,64,65,900] d64", 1, 1030, 2, 64, 64, torch.float32, 2.5, [1, 64, 65, 900]),
+    low_memory = [  # the windowed backward: low_memory=True (b computed again per window) or "backward" (b kept)
+        ("low memory bf16 B2 T8192 H4 d128", 2, 8192, 4, 128, 128, torch.bfloat16, 1.0, None, True),
+        ("low memory backward bf16 B2 T8192 H4 d128", 2, 8192, 4, 128, 128, torch.bfloat16, 1.0, None, "backward"),
+        ("low memory fp32 B3 T1000 H4 d128", 3, 1000, 4, 128, 128, torch.float32, 1.0, None, True),
+        ("low memory backward bf16 wide logits B2 T2048", 2, 2048, 2, 128, 128, torch.bfloat16, 4.0, None, "backward"),
+        ("low memory backward fp32 logits x2.5 B2 T1500 d64", 2, 1500, 2, 64, 64, torch.float32, 2.5, None, "backward"),
+        ("low memory bf16 cu_seqlens [300,5000,77,3000]", 1, 8377, 4, 128, 128, torch.bfloat16, 1.0, [300, 5000, 77, 3000], True),
+        ("low memory backward fp32 cu_seqlens [1,64,65,900]", 1, 1030, 2, 64, 64, torch.float32, 2.5, [1, 64, 65, 900], "backward"),
+    ]
+    twice = [  # a second backward through one graph (retain_graph), default and low-memory
+        ("second backward bf16 B2 T1000 H4 d128", 2, 1000, 4, 128, 128, torch.bfloat16, 1.0, None, False),
+        ("second backward low memory backward bf16 B2 T8192", 2, 8192, 4, 128, 128, torch.bfloat16, 1.0, None, "backward"),
     ]
     results = []
-    for seed, case in enumerate(cases + low_memory):
+    for seed, case in enumerate(cases + low_memory + twice):
         try:
-            results.append(check(*case, seed=seed, low_memory=seed >= len(cases)))
+            if seed >= len(cases):
+                results.append(check(*case[:-1], seed=seed, low_memory=case[-1], twice=seed >= len(cases) + len(low_memory)))
+            else:
+                results.append(check(*case, seed=seed))
         except Exception as error:  # report and go on: one broken case must not hide the others
             cause = error
             while cause.__cause__ is not None:

@@ -32,7 +32,7 @@ if [ "${NCU:-1}" = 1 ]; then
   cd ..
 fi
 echo "== check"; grep -E "FAIL|passed" "$OUT/check.log" 2>/dev/null | cut -c1-300
-echo "== new"; grep -E "^regla(_lm)? T=|profile|Error" "$OUT/new.log" | cut -c1-130
+echo "== new"; grep -E "^regla(_lmb?)? T=|profile|Error" "$OUT/new.log" | cut -c1-130
 cat "$OUT/candidates.log" 2>/dev/null | cut -c1-200
 for f in "$OUT"/ncu_*.log; do
   echo "== $f"; grep -E "Duration|Registers Per|Local Memory|Achieved Occupancy|Theoretical Occupancy|DRAM Throughput|Memory Throughput|L1/TEX Hit|L2 Hit|Compute \(SM\) Throughput|Issue Slots Busy|No Eligible|Block Limit" "$f" | cut -c1-130

@@ -31,6 +31,6 @@ run_candidates() {
     path=$PYTHONPATH; [ -n "$variant" ] && path=$PWD/.variants/$variant:$PYTHONPATH
     echo "== candidate ${variant:+V=$variant }T=$length $settings" >> "$OUT/candidates.log"
     PYTHONPATH=$path timeout 60 python3 benchmarks/bench_kernels.py --out "$OUT/cand" --lengths "$length" --methods "${CAND_METHODS:-regla}" \
-      --launch $settings 2>&1 | grep -E "^regla(_lm)? T=|Error" >> "$OUT/candidates.log"
+      --launch $settings 2>&1 | grep -E "^regla(_lmb?)? T=|Error" >> "$OUT/candidates.log"
   done
 }

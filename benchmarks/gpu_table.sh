@@ -13,4 +13,4 @@ if [ "${CHECK:-1}" = 1 ]; then
 fi
 timeout "${LIMIT:-420}" python3 benchmarks/bench_kernels.py --out "$OUT/bench" --profile 2>&1 | grep -v -i warn > "$OUT/bench.log"
 if [ "${MIXER:-1}" = 1 ]; then run_mixer; fi
-grep -E "^(regla|regla_lm|sdpa|fla) T=|profile|^\| [0-9]" "$OUT/bench.log" | cut -c1-200; grep -E "mixer" "$OUT/bench_mixer.log" 2>/dev/null | cut -c1-300
+grep -E "^(regla|regla_lm|regla_lmb|sdpa|fla) T=|profile|^\| [0-9]" "$OUT/bench.log" | cut -c1-200; grep -E "mixer" "$OUT/bench_mixer.log" 2>/dev/null | cut -c1-300

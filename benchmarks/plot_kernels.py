@@ -36,6 +36,7 @@ def plot(rows, path):
     fig, ax = plt.subplots(figsize=(6, 4))
     lengths = [r["T"] for r in rows]
     for key, label in (("regla", "ReGLA Triton"), ("regla_lm", "ReGLA Triton, low_memory=True"),
+                       ("regla_lmb", "ReGLA Triton, low_memory=\"backward\""),
                        ("regla_product_diag", "ReGLA Triton (product diagonal; bwd failed check)"),
                        ("fla", "fla chunk_gla"), ("sdpa", "SDPA (FlashAttention)")):
         points = [(r["T"], r[key][1]) for r in rows if key in r]

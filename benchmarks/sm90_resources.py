@@ -72,9 +72,10 @@ def kernel_jobs(dtype="bf16", d=128, carry=False, warps=None, fast_output_bv=Non
                 h0_ptr=f32, ht_ptr=f32, dht_ptr=f32, dh0_ptr=f32, bend_ptr=f32, hadd_ptr=f32, hdecay_ptr=f32,
                 dhadd_ptr=f32, dhdecay_ptr=f32, qmax_ptr=f32, starts_ptr=p, every="i32", N="i32", da_ptr=p if dtype == "bf16" else f32, scale="fp32", H="i32")
     # input strides (`triton_chunk._layout`): Megatron's [s, b] projection views, divisible by 16
-    args.update({name: "i32" for name in ("R_T", "R_N", "BSHIFT", "S_T", "S_N", "S_H", "V_T", "V_N", "V_H", "Z_T", "Z_N", "Z_H")})
+    args.update({name: "i32" for name in ("R_T", "R_N", "S_T", "S_N", "S_H", "V_T", "V_N", "V_H", "Z_T", "Z_N", "Z_H")})
     args["reach_ptr"] = "*i8" if carry else f32  # without a carried state the runtime passes a placeholder
     fast_bv = dict(BV=fast_bwd_bv or launch["fast_dqk_block_v"])
+    gate_stride = 1 if dtype == "fp32" else 2  # 16-bit: the gate gradients over b (`triton_chunk._gate_arena`)
     states = dict(DK=d, DV=d, C=tc.CHUNK_SIZE, BK=min(d, launch["states_block_k"]), BV=min(d, launch["states_block_v"]), DT=dt)
     jobs = [
         ("gates", ts.chunk_gates_kernel, dict(DK=d, C=tc.CHUNK_SIZE, LIMIT=60.0, KEY_MAX=True, STAGES=launch["gates_stages"], WORK=True), warps["gates"], 1),
@@ -83,8 +84,8 @@ def kernel_jobs(dtype="bf16", d=128, carry=False, warps=None, fast_output_bv=Non
         ("fwd_output_sub", ts.chunk_fwd_output_kernel, dict(common, BV=min(d, launch["block_v"]), DT=tl.float32, DIAG_LIMIT=-1.0, HAS_HADD=carry), warps["output"], 1),
         ("bwd_dstates", ts.chunk_bwd_dstates_kernel, dict(states, HAS_DHT=False), warps["states"], launch["states_stages"]),
         ("bwd_dqk_fast", tf.chunk_bwd_dqk_fast_kernel, dict(DK=d, DV=d, C=tc.CHUNK_SIZE, BK=fast_bk or min(d, launch["fast_dqk_block_k"]),
-                                                        DT=dt, HAS_HADD=carry, HAS_DHADD=carry, **fast_bv), warps["fast_dqk"], launch["fast_dqk_stages"]),
-        ("bwd_main_sub", ts.chunk_bwd_main_kernel, dict(common, BV=min(d, 32), DT=tl.float32, DIAG_LIMIT=-1.0, HAS_HADD=carry, HAS_DHADD=carry), warps["bwd"], 1),
+                                                        DT=dt, HAS_HADD=carry, HAS_DHADD=carry, GS=gate_stride, **fast_bv), warps["fast_dqk"], launch["fast_dqk_stages"]),
+        ("bwd_main_sub", ts.chunk_bwd_main_kernel, dict(common, BV=min(d, 32), DT=tl.float32, DIAG_LIMIT=-1.0, HAS_HADD=carry, HAS_DHADD=carry, GS=gate_stride), warps["bwd"], 1),
     ]
     for launch_carry in (1, 2) if carry else (0,):
         suffix = {0: "", 1: " (not reached)", 2: ""}[launch_carry]

@@ -1,6 +1,6 @@
 """The one public entry point: `chunk_regla`."""
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -91,7 +91,7 @@ def chunk_regla(
     output_final_state: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None,
     backend: str = "auto",
-    low_memory: bool = False,
+    low_memory: Union[bool, str] = False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """ReGLA token mixing (REGLA_SPEC section 1), before the output norm.
 
@@ -112,24 +112,29 @@ def chunk_regla(
             and one key max per sequence.
         backend: "auto" (Triton for CUDA tensors it supports, see `resolve_backend`, else
             "torch"), "triton", "torch" (chunked PyTorch) or "naive" (token-by-token oracle).
-        low_memory: Triton backend: the backward runs over time windows (as few as keep its
-            buffers within 22% of o and the input gradients) and the forward keeps no fp32 gate
-            tensor for it (it is recomputed per window): 1.4-1.5 GB less peak memory (under
-            2 GB) and 0.54 GB fewer saved activations at 64K tokens, H 16, d 128, for 1.1-1.7 ms
-            (benchmarks/results_kernels.md); with cu_seqlens the windows cut across sequences.
-            The other backends ignore it.
+        low_memory: Triton backend (the other backends ignore it). True: the backward runs
+            over time windows (as few as keep its buffers within 21% of o and the input
+            gradients) and the forward keeps no gate tensor for it (computed again per window):
+            peak under 2 GB and 0.54 GB fewer saved activations than the default at 64K
+            tokens, H 16, d 128, for about 0.9 ms (0.57-0.58x fla's time against 0.50x).
+            "backward": the same windows with the forward's saved tensors as by default (the
+            gate kept, in the gate gradients' buffer): peak under 2 GB for about 0.3 ms
+            (0.52-0.53x; benchmarks/results_kernels.md). With cu_seqlens the windows cut across
+            sequences.
     Returns:
         o: [B, T, H, dv] in q's dtype.
         final_state: [N, H, dk, dv] float32 (float64 for float64 inputs), or None.
     """
     sequences = _check_inputs(q, k, v, gate_logits, refine_logits, key_max, initial_state, cu_seqlens)
+    if low_memory not in (False, True, "backward"):
+        raise ValueError(f"chunk_regla: low_memory={low_memory!r}; use False, True or \"backward\"")
     function = _BACKEND_FUNCTIONS[resolve_backend(backend, q, v)]
     if scale is None:
         scale = default_scale(q.shape[-1])
     # a backend that declares it may skip the final state's work when it is not asked for
     options = {"output_final_state": output_final_state} if getattr(function, "optional_final_state", False) else {}
     if low_memory and getattr(function, "supports_low_memory", False):
-        options["low_memory"] = True
+        options["low_memory"] = low_memory
     if cu_seqlens is not None and getattr(function, "supports_cu_seqlens", False):
         o, state = function(q, k, v, gate_logits, refine_logits, scale, key_max, initial_state, cu_seqlens=cu_seqlens, **options)
     else:

@@ -14,8 +14,10 @@ Stages (kernels in `triton_stages.py` and `triton_fast.py`):
             chunk_bwd_dv_fast (dv and the score gradient dA) + chunk_bwd_dqk_fast /
             chunk_bwd_main (parallel, by flag; a work list too): dq, dk, dv and both gate-logit
             gradients
-No pass runs outside the kernels. With low_memory (`_ChunkReGLATritonWindowed`) the backward
-runs these stages per time window, b recomputed per window instead of kept from the forward.
+No pass runs outside the kernels. b shares its buffer with the gate-logit gradients the last
+stage writes over it (`_gate_arena`). With low_memory (`_ChunkReGLATritonWindowed`) the backward
+runs these stages per time window, b kept from the forward ("backward") or computed again per
+window (True).
 
 Layout [B, T, H, D] (or B = 1 with `cu_seqlens`), any strides with contiguous features (read in
 place: Megatron's [s, b] activations as [b, s] views need no copy, see `_layout`), any T
@@ -26,7 +28,7 @@ powers of two in [MIN_HEAD_DIM, MAX_HEAD_DIM].
 import bisect
 import functools
 import os
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import triton
@@ -35,6 +37,7 @@ import triton.language as tl
 from .gating import refined_log_gate
 from .triton_fast import chunk_bwd_dqk_fast_kernel, chunk_bwd_dv_fast_kernel, chunk_fwd_output_fast_kernel
 from .triton_stages import (
+    GATE_BLOCK,
     chunk_gates_kernel,
     chunk_bwd_dstates_kernel,
     slow_chunks_kernel,
@@ -113,15 +116,16 @@ LAUNCH = {
     # Without a carried state the kernel needs 128 anyway.
     "fast_dv_maxnreg": 128,
     "fast_dqk_maxnreg": 0,
-    # Windows of the low-memory backward (`chunk_regla(..., low_memory=True)`,
-    # `_ChunkReGLATritonWindowed`): its peak holds b, h, dh and dA of one window, and the forward
-    # keeps each later window's start state. 0 = as few windows as keep those two within
-    # window_memory_fraction of the backward's outputs (o and the input gradients, which any
-    # backward holds): each window costs about 0.1 ms (H200, 8K: 6.92 / 6.77 / 6.50 ms at 8 / 6 /
-    # 4 windows, benchmarks/runs/s8_call2). 0.22 keeps the record shape (bf16, 64K tokens, H 16,
-    # d 128) under 2 GB at every T: 8 windows at 2K (the start states of 32 sequences), 6 from 4K.
+    # Windows of the low-memory backward (`chunk_regla(..., low_memory=...)`,
+    # `_ChunkReGLATritonWindowed`): its peak holds h, dh and dA of one window (b is in the gate
+    # gradients' buffer), and the forward keeps each later window's start state. 0 = as few
+    # windows as keep those two within window_memory_fraction of the backward's outputs (o and
+    # the input gradients, which any backward holds): each window costs about 0.07-0.1 ms (H200,
+    # 8K, benchmarks/runs/s8_call2, s9_call1). At the record shape (bf16, 64K tokens, H 16, d 128)
+    # 0.22 gave 4 windows everywhere and 2.0007 GB at 2K (s9_call4: the start states of 32
+    # sequences); 0.21 takes 5 there (predicted 1.94 GB, not yet measured) and 4 from 4K.
     "backward_windows": 0,
-    "window_memory_fraction": 0.22,
+    "window_memory_fraction": 0.21,
 }
 POISON = os.environ.get("REGLA_TRITON_POISON", "0") == "1"
 
@@ -176,6 +180,19 @@ def _dot_dtype(dtype: torch.dtype):
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     """Storage dtype of the per-chunk states: bf16 for bf16 inputs (the product operand anyway), else fp32."""
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def _gate_arena(tokens: int, heads: int, dk: int, dtype: torch.dtype, device: torch.device):
+    """(b, dz, du): b (the cumulative log gate, fp32 [T, H, dk], `_gates`) and the gate-logit
+    gradients ([T, H, dk] in `dtype`, each with contiguous features). 16-bit: one buffer, a row
+    of b being the row of dz then the row of du ([T, H, 2, dk]), which the last kernels that read
+    b write over it (`triton_stages.store_gate_grads`; `gate_slots` orders b's row so that each
+    dq/dk program overwrites only what it read): b costs no memory of its own, 0.54 GB at the
+    record shape (bf16, 64K tokens, H 16, d 128). fp32: three buffers (b is as large as dz)."""
+    if dtype == torch.float32:
+        return tuple(_empty(tokens, heads, dk, device=device, dtype=dtype) for _ in range(3))
+    rows = _empty(tokens, heads, 2, dk, device=device, dtype=dtype)
+    return rows.view(tokens, heads, 2 * dk).view(torch.float32), rows[:, :, 0], rows[:, :, 1]
 
 
 def _chunk_tables(cu_seqlens: torch.Tensor, chunk: int):
@@ -260,11 +277,12 @@ def _one_layout(*xs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     return tuple(x.contiguous() for x in xs)
 
 
-def _gates(z, u, k, cu, table, total, key_max=None, out=None, need_key_max=True, order=None, work=None):
+def _gates(z, u, k, cu, table, total, key_max=None, out=None, need_key_max=True, order=None, work=None, b=None):
     """b (cumulative log gate from each chunk start, fp32 [T, H, dk]), each chunk's total log
     decay (fp32 [chunks, H, dk]), the fast-path flags (int8 [chunks, H]) and the key max
     (fp32 [N, H]: `key_max` when given, else computed here from k, unless need_key_max is
-    False: then None). `out`: the first three preallocated (contiguous views of larger buffers).
+    False: then None). `out`: the first three preallocated (contiguous views of larger buffers);
+    `b`: only b preallocated (`_gate_arena`).
     `work`: a zeroed `_work_list` the flag-0 chunks are appended to (as `_slow_chunks` makes it).
     z and u share one `_layout`, k has q's. `order` (here and below): the row order of the
     per-token tensors (`_row_order`), sequences one after another by default."""
@@ -272,7 +290,7 @@ def _gates(z, u, k, cu, table, total, key_max=None, out=None, need_key_max=True,
     order = (heads, 0) if order is None else order
     if out is None:
         out = (
-            _empty(tokens, heads, dk, device=z.device, dtype=torch.float32),
+            _empty(tokens, heads, dk, device=z.device, dtype=torch.float32) if b is None else b,
             _empty(total, heads, dk, device=z.device, dtype=torch.float32),
             torch.empty(total, heads, device=z.device, dtype=torch.int8),
         )
@@ -313,10 +331,10 @@ def _fwd_states(k, v, b, key_max, h0, cu, offsets, total, store_final, out=None,
     return h, (ht if store_final else None)
 
 
-def _work_list(*lists: int, chunks: int, heads: int, device: torch.device) -> torch.Tensor:
-    """Zeroed sub-chunk work lists (int32 [*lists, 1 + chunks * heads], the layout of `_slow_chunks`)
-    for the gates kernel to fill (`_gates(work=...)`): one memset for all of them."""
-    return torch.zeros(*lists, 1 + chunks * heads, device=device, dtype=torch.int32)
+def _work_list(chunks: int, heads: int, device: torch.device) -> torch.Tensor:
+    """A zeroed sub-chunk work list (int32 [1 + chunks * heads], the layout of `_slow_chunks`) for
+    the gates kernel to fill (`_gates(work=...)`)."""
+    return torch.zeros(1 + chunks * heads, device=device, dtype=torch.int32)
 
 
 def _slow_chunks(flags: torch.Tensor) -> torch.Tensor:
@@ -390,10 +408,9 @@ def _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, h_carry=
     return o, q_max
 
 
-def _bwd_dstates(q, q_max, b, do, dht, cu, offsets, scale, total, dv, order=None, b_shift=0, dh0=None):
+def _bwd_dstates(q, q_max, b, do, dht, cu, offsets, scale, total, dv, order=None, dh0=None):
     """dh (gradient at every chunk end, h's dtype) and dh0 (at each sequence start, fp32 [N, H, dk, dv];
-    `dh0` preallocated, which may be dht itself). do: contiguous [T, H, dv]. b_shift: b's rows are
-    `order`'s less n * b_shift (`sequence_gates`)."""
+    `dh0` preallocated, which may be dht itself). do: contiguous [T, H, dv]."""
     tokens, heads, dk = _dims(q)
     order = (heads, 0) if order is None else order
     n = cu.numel() - 1
@@ -403,7 +420,7 @@ def _bwd_dstates(q, q_max, b, do, dht, cu, offsets, scale, total, dv, order=None
     bk, bv = _state_blocks(dk, dv, n * heads)
     chunk_bwd_dstates_kernel[((dk // bk) * (dv // bv), n * heads)](
         q, q_max, b, do, dht if dht is not None else dh0, dh, dh0, cu, offsets, scale,
-        heads, *order, b_shift, *_layout(q), DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=bv, HAS_DHT=dht is not None, DT=_dot_dtype(q.dtype),
+        heads, *order, *_layout(q), DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=bv, HAS_DHT=dht is not None, DT=_dot_dtype(q.dtype),
         num_warps=LAUNCH["states_warps"], num_stages=LAUNCH["states_stages"], **_register_cap("states"),
     )
     return dh, dh0
@@ -411,12 +428,12 @@ def _bwd_dstates(q, q_max, b, do, dht, cu, offsets, scale, total, dv, order=None
 
 def _bwd_main(
     q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total, h_carry=None, dh_carry=None, order=None, work=None,
-    b_shift=0, out=None,
+    out=None,
 ):
-    """dq, dk, dv, dz, du (each contiguous [T, H, D] in its input's dtype) from h and dh (plus
-    `h_carry`, `dh_carry`, see `_carried`). do: contiguous [T, H, dv]. `work`: as in `_fwd_output`.
-    b_shift: as in `_bwd_dstates`. `out`: the five gradients preallocated (views the kernels
-    write at `order`'s rows)."""
+    """dq, dk, dv, dz, du ([T, H, D] each in its input's dtype) from h and dh (plus `h_carry`,
+    `dh_carry`, see `_carried`). do: contiguous [T, H, dv]. `work`: as in `_fwd_output`. `out`: the
+    five gradients preallocated (views the kernels write at `order`'s rows; dz and du may be the
+    gate arena's over b, `_gate_arena`), else contiguous ones."""
     tokens, heads, dk = _dims(q)
     order = (heads, 0) if order is None else order
     dv = v.shape[-1]
@@ -426,31 +443,52 @@ def _bwd_main(
     if out is None:
         out = tuple(_empty(tokens, heads, x.shape[-1], device=x.device, dtype=x.dtype) for x in (q, k, v, z, u))
     dq, dk_, dv_, dz, du = out
+    gate_stride = _gate_grad_stride(dz, du, min(dk, LAUNCH["fast_dqk_block_k"]))
+    if not flags.is_contiguous():  # the kernels index it as [chunks, H] rows
+        raise ValueError("Triton ReGLA kernels: the chunk flags must be contiguous")
     if _fast_limit() >= 0:
         score_grad = torch.empty(total, heads, CHUNK_SIZE, CHUNK_SIZE, device=q.device, dtype=_state_dtype(q.dtype))
         fast_dh_add = _product_state(dh_add, has_dh_add, q.dtype)
         for carry in _carry_launches(has_dh_add):
             chunk_bwd_dv_fast_kernel[(total, heads)](
                 q, k, v, b, flags, key_max, dh, fast_dh_add, dh_decay, dh_reach, do, dv_, score_grad, table, cu, scale,
-                heads, *order, b_shift, *_layout(q), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, BV=min(dv, LAUNCH["fast_dv_block_v"]), DT=dt,
+                heads, *order, *_layout(q), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, BV=min(dv, LAUNCH["fast_dv_block_v"]), DT=dt,
                 CARRY=carry, num_warps=LAUNCH["fast_dv_warps"], num_stages=LAUNCH["fast_dv_stages"], **_register_cap("fast_dv"),
             )
         bk = min(dk, LAUNCH["fast_dqk_block_k"])
         chunk_bwd_dqk_fast_kernel[(dk // bk, total, heads)](
             q, k, v, z, u, b, flags, key_max, q_max, score_grad, h, h_add, h_decay, dh, dh_add, dh_decay, do,
             dq, dk_, dz, du, table, cu, scale,
-            heads, *order, b_shift, *_layout(q), *_layout(v), *_layout(z), DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=min(dv, LAUNCH["fast_dqk_block_v"]), DT=dt,
-            HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, num_warps=LAUNCH["fast_dqk_warps"], num_stages=LAUNCH["fast_dqk_stages"],
+            heads, *order, *_layout(q), *_layout(v), *_layout(z), DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=min(dv, LAUNCH["fast_dqk_block_v"]), DT=dt,
+            HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, GS=gate_stride, num_warps=LAUNCH["fast_dqk_warps"], num_stages=LAUNCH["fast_dqk_stages"],
             **_register_cap("fast_dqk"),
         )
         del score_grad
     chunk_bwd_main_kernel[(_slow_programs(total, heads),)](
         q, k, v, z, u, b, flags, key_max, h, h_add, h_decay, dh, dh_add, dh_decay, do, dq, dk_, dv_, dz, du, table, cu,
         _slow_chunks(flags) if work is None else work, scale,
-        heads, *order, b_shift, *_layout(q), *_layout(v), *_layout(z), DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BV=_bwd_block_v(dv), DT=tl.float32,
-        DIAG_LIMIT=LAUNCH["diag_limit"], HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, num_warps=LAUNCH["bwd_warps"], num_stages=1,
+        heads, *order, *_layout(q), *_layout(v), *_layout(z), DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BV=_bwd_block_v(dv), DT=tl.float32,
+        DIAG_LIMIT=LAUNCH["diag_limit"], HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, GS=gate_stride, num_warps=LAUNCH["bwd_warps"],
+        num_stages=1,
     )
     return dq, dk_, dv_, dz, du
+
+
+def _gate_grad_stride(dz: torch.Tensor, du: torch.Tensor, dqk_block: int) -> int:
+    """The kernels' GS for these gate-gradient buffers ([rows, dk] views): 1 (contiguous rows
+    each) or 2 (a 16-bit `_gate_arena` over b: rows of dz and du alternate). Over b the dq/dk
+    kernel's key block must be the one b's rows are laid out for (`triton_stages.GATE_BLOCK`)."""
+    dk = dz.shape[-1]
+    if dz.stride(-2) == du.stride(-2) == dk:
+        return 1
+    if dz.stride(-2) == du.stride(-2) == 2 * dk and du.data_ptr() == dz.data_ptr() + dk * dz.element_size():
+        if dqk_block != min(dk, GATE_BLOCK.value):
+            raise ValueError(
+                f"LAUNCH['fast_dqk_block_k'] = {dqk_block}: with the gate gradients over b (16-bit inputs) the dq/dk "
+                f"kernel's key block must be {GATE_BLOCK.value} (triton_stages.GATE_BLOCK, b's row layout)"
+            )
+        return 2
+    raise ValueError(f"Triton ReGLA kernels: gate-gradient rows of strides {dz.stride(-2)}, {du.stride(-2)} are not a layout they write")
 
 
 def _batch_minor(x: torch.Tensor) -> bool:
@@ -484,14 +522,32 @@ def _output_grad(do, like_rows: int, like: torch.Tensor) -> torch.Tensor:
 
 def _forward(q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, starts=None):
     """The forward stages of both Functions: o (rows in `_row_order`), the final states, and what
-    a backward may keep or derive from (b, flags, key max, h, query max, the sub-chunk work list).
-    `starts`: as in `_fwd_states`."""
+    a backward may keep or derive from: the gate arena (b, dz, du: `_gate_arena`), flags, key max,
+    h, query max and the sub-chunk work list. `starts`: as in `_fwd_states`."""
     order = _row_order(q.shape[0], q.shape[1], q.shape[2], minor)
     work = _work_list(chunks=total, heads=q.shape[2], device=q.device)
-    b, _, flags, key_max = _gates(z, u, k, cu, table, total, key_max, order=order, work=work)
+    arena = _gate_arena(*_dims(z), z.dtype, z.device)
+    b, _, flags, key_max = _gates(z, u, k, cu, table, total, key_max, order=order, work=work, b=arena[0])
     h, ht = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, True, order=order, starts=starts)
     o, q_max = _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, order=order, work=work)
-    return o, ht, b, flags, key_max, h, q_max, work
+    return o, ht, arena, flags, key_max, h, q_max, work
+
+
+def _kept_arena(ctx, arena, z, u, k, key_max, cu, table, total, order=None):
+    """The gate arena (`_gate_arena`) a backward writes its gate gradients into: the one the forward
+    kept, whose b the first backward overwrites; a second backward through the same graph
+    (retain_graph) gets a new one with b computed again."""
+    if not getattr(ctx, "arena_spent", False):
+        ctx.arena_spent = True
+        return arena
+    fresh = _gate_arena(*_dims(z), z.dtype, z.device)
+    _gates(z, u, k, cu, table, total, key_max, order=order, b=fresh[0])
+    return fresh
+
+
+def _value_grads(q, k, v):
+    """Fresh dq, dk, dv ([T, H, D] each in its input's dtype; the gate gradients live in the arena)."""
+    return tuple(_empty(_dims(x)[0], x.shape[-2], x.shape[-1], device=x.device, dtype=x.dtype) for x in (q, k, v))
 
 
 class _ChunkReGLATriton(torch.autograd.Function):
@@ -500,34 +556,39 @@ class _ChunkReGLATriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor):
-        o, ht, b, flags, key_max, h, q_max, work = _forward(q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor)
+        o, ht, arena, flags, key_max, h, q_max, work = _forward(q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor)
         del h  # recomputed in the backward, which walks the same work list
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(q, k, v, z, u, b, flags, key_max, q_max, h0, cu, offsets, table, work)
+        ctx.save_for_backward(q, k, v, z, u, *arena, flags, key_max, q_max, h0, cu, offsets, table, work)
         ctx.scale, ctx.total, ctx.minor = scale, total, minor
         ctx.h0_dtype = None if h0 is None else h0.dtype
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, z, u, b, flags, key_max, q_max, h0, cu, offsets, table, work = ctx.saved_tensors
+        q, k, v, z, u, b, dz, du, flags, key_max, q_max, h0, cu, offsets, table, work = ctx.saved_tensors
         scale, total = ctx.scale, ctx.total
         order = _row_order(q.shape[0], q.shape[1], q.shape[2], ctx.minor)
+        b, dz, du = _kept_arena(ctx, (b, dz, du), z, u, k, key_max, cu, table, total, order)
         do = _output_grad(do, q.shape[0] * q.shape[1], v)
         dht = None if dht is None else dht.float().contiguous()
         h, _ = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, False, order=order)
         dh, dh0 = _bwd_dstates(q, q_max, b, do, dht, cu, offsets, scale, total, v.shape[-1], order=order)
-        grads = _bwd_main(q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total, order=order, work=work)
+        grads = _bwd_main(
+            q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total, order=order, work=work,
+            out=(*_value_grads(q, k, v), dz, du),
+        )
         grads = [_from_rows(g, q.shape[0], q.shape[1], ctx.minor) for g in grads]
         dinit = None if h0 is None else dh0.to(ctx.h0_dtype)
         return (*grads, None, None, dinit, None, None, None, None, None)
 
 
 def _window_bytes(windows: int, batch: int, chunks: int, heads: int, dk: int, dv: int, dtype: torch.dtype) -> int:
-    """What the low-memory backward holds beyond its outputs with `windows` windows: b (fp32), h,
-    dh and the score gradients of one window, and the start states of the later windows."""
+    """What the low-memory backward holds beyond its outputs with `windows` windows: h, dh and the
+    score gradients of one window, and the start states of the later windows (b lives in the gate
+    gradients' buffer, `_gate_arena`, which the outputs count)."""
     state = torch.empty((), dtype=_state_dtype(dtype)).element_size()
-    per_chunk = CHUNK_SIZE * dk * 4 + CHUNK_SIZE * CHUNK_SIZE * state + 2 * dk * dv * state
+    per_chunk = CHUNK_SIZE * CHUNK_SIZE * state + 2 * dk * dv * state
     return batch * heads * (-(-chunks // windows) * per_chunk + (windows - 1) * dk * dv * state)
 
 
@@ -548,66 +609,88 @@ def _window_chunks(batch: int, chunks: int, heads: int, dk: int, dv: int, dtype:
 
 
 def _window_order(batch: int, length: int, window: int, heads: int, minor: bool) -> Tuple[int, int]:
-    """(R_T, R_N) that address the whole per-token tensors (do, the query max, the gradients;
+    """(R_T, R_N) that address the whole per-token tensors (do, the query max, b, the gradients;
     pointers at the window's first token) with the tables of a window of `window` tokens of
     every sequence: token t of sequence n is then n * window + t (`triton_stages.token_rows`)."""
     row_t, row_n = _row_order(batch, length, heads, minor)
     return row_t, row_n + (length - window) * row_t
 
 
-def _keep_for_windows(ctx, q, k, v, z, u, key_max, q_max, h0, starts):
-    """What both windowed Functions save for their backward (no b, no h: the window start states
-    instead), and the initial state's dtype for its gradient."""
+def _keep_for_windows(ctx, q, k, v, z, u, arena, flags, key_max, q_max, h0, starts, keep_gates):
+    """What both windowed Functions save for their backward (no h: the window start states
+    instead; with keep_gates the gate arena and flags, else neither), and the initial state's
+    dtype for its gradient."""
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(q, k, v, z, u, key_max, q_max, h0, starts)
+    ctx.recompute_gates = not keep_gates
+    kept = (*arena, flags) if keep_gates else (None,) * 4
+    ctx.save_for_backward(q, k, v, z, u, *kept, key_max, q_max, h0, starts)
     ctx.h0_dtype = None if h0 is None else h0.dtype
+
+
+def _window_arena(ctx, arena, z, u, k, key_max, cu, table, total, order=None):
+    """The gate arena of a windowed backward: the forward's (`_kept_arena`), or a new one whose b
+    each window fills for itself (`_window_backward`)."""
+    if ctx.recompute_gates:
+        return _gate_arena(*_dims(z), z.dtype, z.device)
+    return _kept_arena(ctx, arena, z, u, k, key_max, cu, table, total, order)
+
+
+def _window_rows(tensors, first_row: int):
+    """Flat [rows, D] views of [T, H, D] tensors (contiguous rows, or `_gate_arena`'s dz and du)
+    from row `first_row` on."""
+    return [x.flatten(0, -2)[first_row:] for x in tensors]
 
 
 class _ChunkReGLATritonWindowed(torch.autograd.Function):
     """`_ChunkReGLATriton` with a backward over time windows (the same window of every sequence,
-    last to first), for memory: b (fp32, as large as two bf16 inputs) is not kept from the
-    forward but recomputed per window, and the chunk-start states h, their gradients dh and the
-    score gradients exist for one window at a time. The forward keeps each window's start state
-    instead (h at that chunk, as the forward stored it). Each window's state pass starts from it,
-    its state-gradient pass from the gradient the later window handed back; the state passes keep
-    all sequences and heads in parallel, so the cost is the b recompute and more launches."""
+    last to first), for memory: the chunk-start states h, their gradients dh and the score
+    gradients exist for one window at a time. The forward keeps each window's start state (h at
+    that chunk, as the forward stored it), and with keep_gates b in the gate gradients' buffer
+    (`_gate_arena`, as the one-pass Function does); without, b is computed again per window, into
+    that window's rows of the buffer, and the forward keeps no gate tensor. Each window's state
+    pass starts from its start state, its state-gradient pass from the gradient the later window
+    handed back; the state passes keep all sequences and heads in parallel, so the cost is more
+    launches (and the gates again)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, window_chunks):
+    def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, window_chunks, keep_gates):
         batch, heads, dk, dv = q.shape[0], q.shape[2], q.shape[3], v.shape[-1]
         windows = -(-(total // batch) // window_chunks)
         starts = _empty(windows - 1, batch, heads, dk, dv, device=q.device, dtype=_state_dtype(q.dtype))
-        o, ht, b, flags, key_max, h, q_max, _ = _forward(
+        o, ht, arena, flags, key_max, h, q_max, _ = _forward(
             q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, starts=(starts, window_chunks),
         )
-        del h, b
-        _keep_for_windows(ctx, q, k, v, z, u, key_max, q_max, h0, starts)
+        del h
+        _keep_for_windows(ctx, q, k, v, z, u, arena, flags, key_max, q_max, h0, starts, keep_gates)
         ctx.scale, ctx.minor, ctx.window = scale, minor, window_chunks * CHUNK_SIZE
+        ctx.tables = (cu, table, total)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, z, u, key_max, q_max, h0, starts = ctx.saved_tensors
+        q, k, v, z, u, b, dz, du, flags, key_max, q_max, h0, starts = ctx.saved_tensors
         batch, length, heads, _ = q.shape
         row_t = _row_order(batch, length, heads, ctx.minor)[0]
+        arena = _window_arena(ctx, (b, dz, du), z, u, k, key_max, *ctx.tables, _row_order(batch, length, heads, ctx.minor))
         do = _output_grad(do, batch * length, v)
-        grads = [_empty(batch * length, heads, x.shape[-1], device=x.device, dtype=x.dtype) for x in (q, k, v, z, u)]
+        grads = [*_value_grads(q, k, v), *arena[1:]]
         dstate = None if dht is None else dht.float().contiguous()
-        windows = starts.shape[0] + 1
-        work = _work_list(windows, chunks=batch * -(-ctx.window // CHUNK_SIZE), heads=heads, device=q.device)
+        windows, window_chunks = starts.shape[0] + 1, ctx.window // CHUNK_SIZE
+        chunk_flags = None if ctx.recompute_gates else flags.view(batch, -1, heads)
         for index in reversed(range(windows)):
             first, window = index * ctx.window, min(ctx.window, length - index * ctx.window)
             last = first + window == length  # its dht is autograd's (or None), the others' our own buffer
+            window_flags = None if ctx.recompute_gates else chunk_flags[:, index * window_chunks : index * window_chunks + -(-window // CHUNK_SIZE)]
             dstate = _window_backward(
                 [x[:, first : first + window] for x in (q, k, v, z, u)],
-                [x.view(-1, x.shape[-1])[first * row_t :] for x in (do, q_max.view(-1, 1), *grads)],
+                _window_rows((do, q_max.unsqueeze(-1), arena[0], *grads), first * row_t),
                 key_max, h0 if index == 0 else starts[index - 1], dstate, ctx.scale, _regular_tables(batch, window, q.device),
-                _window_order(batch, length, window, heads, ctx.minor), _row_order(batch, window, heads, ctx.minor), work[index],
+                _window_order(batch, length, window, heads, ctx.minor), None if window_flags is None else window_flags.reshape(-1, heads).contiguous(),
                 dh_start=dstate if not last and dstate is not None else None,
             )
         grads = [_from_rows(g, batch, length, ctx.minor) for g in grads]
         dinit = None if h0 is None else dstate.to(ctx.h0_dtype)
-        return (*grads, None, None, dinit, None, None, None, None, None, None)
+        return (*grads, None, None, dinit, None, None, None, None, None, None, None)
 
 
 class _PackedWindow:
@@ -656,27 +739,27 @@ class _ChunkReGLATritonPackedWindowed(torch.autograd.Function):
     initial-state gradient."""
 
     @staticmethod
-    def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, windows):
-        o, ht, b, flags, key_max, h, q_max, _ = _forward(q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor)
+    def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, windows, keep_gates):
+        o, ht, arena, flags, key_max, h, q_max, _ = _forward(q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor)
         firsts = torch.tensor([w.first_chunk for w in windows[1:]], dtype=torch.int64, device=h.device)
         starts = h.index_select(0, firsts)  # [W - 1, H, dk, dv]: h at each later window's first chunk
-        del h, b
-        _keep_for_windows(ctx, q, k, v, z, u, key_max, q_max, h0, starts)
-        ctx.scale, ctx.windows = scale, windows
+        del h
+        _keep_for_windows(ctx, q, k, v, z, u, arena, flags, key_max, q_max, h0, starts, keep_gates)
+        ctx.scale, ctx.windows, ctx.tables = scale, windows, (cu, table, total)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, z, u, key_max, q_max, h0, starts = ctx.saved_tensors
+        q, k, v, z, u, b, dz, du, flags, key_max, q_max, h0, starts = ctx.saved_tensors
         _, length, heads, dk = q.shape
         dv, sequences = v.shape[-1], key_max.shape[0]
+        arena = _window_arena(ctx, (b, dz, du), z, u, k, key_max, *ctx.tables)
         do = _output_grad(do, length, v)
-        grads = [_empty(length, heads, x.shape[-1], device=x.device, dtype=x.dtype) for x in (q, k, v, z, u)]
+        grads = [*_value_grads(q, k, v), *arena[1:]]
         zeros = lambda pieces: torch.zeros(pieces, heads, dk, dv, device=q.device, dtype=torch.float32)
         dinit = None
         if h0 is not None:  # an empty sequence passes its final-state gradient to its initial state unchanged
             dinit = dht.float().clone() if dht is not None else zeros(sequences)
-        work = _work_list(len(ctx.windows), chunks=max(w.tables[3] for w in ctx.windows), heads=heads, device=q.device)
         handed = None  # the state gradient at the later window's first chunk
         for index in reversed(range(len(ctx.windows))):
             w = ctx.windows[index]
@@ -689,8 +772,9 @@ class _ChunkReGLATritonPackedWindowed(torch.autograd.Function):
                 end_grad[-1] = handed
             dh_start = _window_backward(
                 [x[:, w.start : w.end] for x in (q, k, v, z, u)],
-                [x.view(-1, x.shape[-1])[w.start * heads :] for x in (do, q_max.view(-1, 1), *grads)],
-                key_max[w.sequences], init, end_grad, ctx.scale, w.tables, (heads, 0), (heads, 0), work[index],
+                _window_rows((do, q_max.unsqueeze(-1), arena[0], *grads), w.start * heads),
+                key_max[w.sequences], init, end_grad, ctx.scale, w.tables, (heads, 0),
+                None if ctx.recompute_gates else flags[w.first_chunk : w.first_chunk + w.tables[3]],
             )
             if w.continued:
                 handed, dh_start = dh_start[0], dh_start[1:]
@@ -698,30 +782,32 @@ class _ChunkReGLATritonPackedWindowed(torch.autograd.Function):
                 dinit[w.sequences[1:] if w.continued else w.sequences] = dh_start
         grads = [g.view(1, length, *g.shape[1:]) for g in grads]
         dinit = None if dinit is None else dinit.to(ctx.h0_dtype)
-        return (*grads, None, None, dinit, None, None, None, None, None, None)
+        return (*grads, None, None, dinit, None, None, None, None, None, None, None)
 
 
-def _window_backward(inputs, rows, key_max, start_state, dht, scale, tables, order, b_order, work, dh_start=None):
+def _window_backward(inputs, rows, key_max, start_state, dht, scale, tables, order, flags, dh_start=None):
     """One window of a low-memory backward: the gradients of its tokens written into the whole
     gradient tensors. inputs: q, k, v, z, u of the window ([B, W, H, D] views); rows: do, the query
-    max and the five gradients as flat views from the window's first row; key_max, start_state
-    and dht of the window's sequences (or sequence pieces); tables: `_regular_tables` or
-    `_chunk_tables` of the window; order: the rows of do and the gradients, b_order b's (this
-    window's only); work: a zeroed `_work_list`. Returns the state gradient at each sequence's
-    start in the window (fp32 [N, H, dk, dv]), written into `dh_start` when given (which may be
-    dht itself: each state-pass program reads its block of dht before it writes that block)."""
+    max, b and the five gradients as flat views from the window's first row (`_window_rows`);
+    key_max, start_state and dht of the window's sequences (or sequence pieces); tables:
+    `_regular_tables` or `_chunk_tables` of the window; order: the rows of the per-token tensors;
+    flags: the window's chunk flags (int8 [chunks, H], the forward's), or None: then b is computed
+    here, into the window's rows of b (the gate arena), and the flags with it. Returns the state gradient
+    at each sequence's start in the window (fp32 [N, H, dk, dv]), written into `dh_start` when
+    given (which may be dht itself: each state-pass program reads its block of dht before it
+    writes that block)."""
     q, k, v, z, u = inputs
-    do, q_max, *grads = rows
+    do, q_max, b, *grads = rows
     cu, offsets, table, total = tables
-    b, _, flags, _ = _gates(z, u, k, cu, table, total, key_max, order=b_order, work=work)
-    h, _ = _fwd_states(k, v, b, key_max, start_state, cu, offsets, total, False, order=b_order)
-    b_shift = order[1] - b_order[1]
-    dh, dh_start = _bwd_dstates(
-        q, q_max, b, do, dht, cu, offsets, scale, total, v.shape[-1], order=order, b_shift=b_shift, dh0=dh_start,
-    )
+    if flags is None:
+        work = _work_list(chunks=total, heads=q.shape[2], device=q.device)
+        _, _, flags, _ = _gates(z, u, k, cu, table, total, key_max, order=order, work=work, b=b)
+    else:
+        work = _slow_chunks(flags)
+    h, _ = _fwd_states(k, v, b, key_max, start_state, cu, offsets, total, False, order=order)
+    dh, dh_start = _bwd_dstates(q, q_max, b, do, dht, cu, offsets, scale, total, v.shape[-1], order=order, dh0=dh_start)
     _bwd_main(
-        q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total, order=order, b_shift=b_shift,
-        out=tuple(grads), work=work,
+        q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total, order=order, out=tuple(grads), work=work,
     )
     return dh_start
 
@@ -785,12 +871,13 @@ def chunk_regla_triton(
     initial_state: Optional[torch.Tensor] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     output_final_state: bool = True,
-    low_memory: bool = False,
+    low_memory: Union[bool, str] = False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Backend function of `chunk_regla` (see chunk.py for the contract).
 
-    low_memory: the backward over time windows (`_ChunkReGLATritonWindowed`, with cu_seqlens
-    `_ChunkReGLATritonPackedWindowed`), never as segments.
+    low_memory: True or "backward": the backward over time windows (`_ChunkReGLATritonWindowed`,
+    with cu_seqlens `_ChunkReGLATritonPackedWindowed`), never as segments; "backward" keeps b
+    from the forward (its saved tensors are the one-pass Function's), True computes it again.
 
     Returns o [B, T, H, dv] in q's dtype and the final state [N, H, dk, dv] in fp32 (None
     when output_final_state is False and the sequences went as segments, see
@@ -818,11 +905,13 @@ def chunk_regla_triton(
     h0 = None if initial_state is None else initial_state.contiguous()
     minor = cu_seqlens is None and _batch_minor(q)
     args = (q, k, v, gate_logits, refine_logits, float(scale), key_max, h0, cu, offsets, table, total, minor)
+    keep_gates = low_memory == "backward"
     if low_memory and cu_seqlens is not None and total > 0:
         windows = _packed_windows(cu, offsets, total, _window_chunks(1, total, heads, dk, dv, dtype, length))
-        o, state = _ChunkReGLATritonPackedWindowed.apply(*args, windows)
+        o, state = _ChunkReGLATritonPackedWindowed.apply(*args, windows, keep_gates)
     elif low_memory and total > 0:
-        o, state = _ChunkReGLATritonWindowed.apply(*args, _window_chunks(batch, total // batch, heads, dk, dv, dtype, batch * length))
+        window_chunks = _window_chunks(batch, total // batch, heads, dk, dv, dtype, batch * length)
+        o, state = _ChunkReGLATritonWindowed.apply(*args, window_chunks, keep_gates)
     else:
         o, state = _ChunkReGLATriton.apply(*args)
     return _from_rows(o, batch, length, minor), state

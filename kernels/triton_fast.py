@@ -36,7 +36,6 @@ from .triton_stages import (
     load_query_features_cols,
     load_state,
     load_value_rows,
-    sequence_gates,
     store_gate_grads,
 )
 
@@ -133,7 +132,7 @@ def chunk_fwd_output_fast_kernel(
 def chunk_bwd_dv_fast_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, flag_ptr, kmax_ptr, dh_ptr, dhadd_ptr, dhdecay_ptr, reach_ptr, do_ptr, dv_ptr, da_ptr,
     table_ptr, cu_ptr, scale,
-    H, R_T, R_N, BSHIFT, S_T, S_N, S_H, V_T, V_N, V_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+    H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
     DT: tl.constexpr, CARRY: tl.constexpr,
 ):
     """dv = (scale tril(Q~ K~^T))^T do + k_end dh for one safe chunk and head (BV value columns
@@ -143,7 +142,6 @@ def chunk_bwd_dv_fast_kernel(
     ic = tl.program_id(0)
     head = tl.program_id(1)
     n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, R_T, R_N, C)
-    b_ptr = sequence_gates(b_ptr, n, BSHIFT, DK)
     rc = tl.arange(0, C)
     rk = tl.arange(0, DK)
     if fast != 0 and carry_launch_takes(reach_ptr, ic, head, H, REACHED_FROM_END, CARRY):
@@ -176,8 +174,9 @@ def chunk_bwd_dv_fast_kernel(
 def chunk_bwd_dqk_fast_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, u_ptr, b_ptr, flag_ptr, kmax_ptr, qmax_ptr, da_ptr, h_ptr, hadd_ptr, hdecay_ptr,
     dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dq_ptr, dk_ptr, dz_ptr, du_ptr, table_ptr, cu_ptr, scale,
-    H, R_T, R_N, BSHIFT, S_T, S_N, S_H, V_T, V_N, V_H, Z_T, Z_N, Z_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+    H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, Z_T, Z_N, Z_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, HAS_HADD: tl.constexpr, HAS_DHADD: tl.constexpr,
+    GS: tl.constexpr,
 ):
     """dq, dk and both gate-logit gradients of one safe chunk, one head, BK key features
     (every one of them is separable over the key features once dA is known: it is read from
@@ -186,7 +185,6 @@ def chunk_bwd_dqk_fast_kernel(
     ic = tl.program_id(1)
     head = tl.program_id(2)
     n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, R_T, R_N, C)
-    b_ptr = sequence_gates(b_ptr, n, BSHIFT, DK)
     rc = tl.arange(0, C)
     rk = ik * BK + tl.arange(0, BK)
     cols = rk[None, :]
@@ -236,4 +234,4 @@ def chunk_bwd_dqk_fast_kernel(
         tl.store(dk_ptr + rows[:, None] * DK + cols, (dk_scores + dk_end).to(dk_ptr.dtype.element_ty), mask=mask[:, None])
 
         zrows = input_rows(start + rc, n, head, Z_T, Z_N, Z_H)
-        store_gate_grads(dq - dk_scores, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, zrows, rows, mask, rk, DK)
+        store_gate_grads(dq - dk_scores, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, zrows, rows, mask, rk, DK, GS)

@@ -39,9 +39,12 @@ from .triton_chunk import (
     _empty,
     _fwd_output,
     _fwd_states,
+    _gate_arena,
     _gates,
+    _kept_arena,
     _regular_tables,
     _state_dtype,
+    _value_grads,
 )
 
 
@@ -137,7 +140,8 @@ class _SegmentsReGLATriton(torch.autograd.Function):
         slot s + 1's gates and states (and slot s - 1's output) compute."""
         segments, (tokens, heads, dk), dv = cu.numel() - 1, q.shape, v.shape[-1]
         new = lambda *shape, dtype=torch.float32: _empty(*shape, device=q.device, dtype=dtype)  # NaN under POISON
-        b, chunk_decay = new(tokens, heads, dk), new(total, heads, dk)
+        arena = _gate_arena(tokens, heads, dk, z.dtype, z.device)  # b, then the gate gradients over it
+        b, chunk_decay = arena[0], new(total, heads, dk)
         flags = torch.empty(total, heads, device=q.device, dtype=torch.int8)
         h, local_states = new(total, heads, dk, dv, dtype=_state_dtype(q.dtype)), new(segments, heads, dk, dv)
         o, q_max = new(tokens, heads, dv, dtype=q.dtype), new(tokens, heads)
@@ -172,7 +176,7 @@ class _SegmentsReGLATriton(torch.autograd.Function):
             )
         del h
         ctx.save_for_backward(
-            q, k, v, z, u, b, flags, key_max, q_max, torch.cat(incoming), torch.cat(befores), torch.cat(afters), torch.cat(reaches),
+            q, k, v, z, u, *arena, flags, key_max, q_max, torch.cat(incoming), torch.cat(befores), torch.cat(afters), torch.cat(reaches),
             cu, offsets, table,
         )
         ctx.scale, ctx.total, ctx.exchange = scale, total, exchange
@@ -183,8 +187,9 @@ class _SegmentsReGLATriton(torch.autograd.Function):
     def backward(ctx, do):
         """The state-gradient pass first (it needs no h), its communication started, the
         chunk-start states recomputed meanwhile, then the gradient kernels."""
-        q, k, v, z, u, b, flags, key_max, q_max, incoming, before, after, reach, cu, offsets, table = ctx.saved_tensors
+        q, k, v, z, u, b, dz, du, flags, key_max, q_max, incoming, before, after, reach, cu, offsets, table = ctx.saved_tensors
         scale, total = ctx.scale, ctx.total
+        b, dz, du = _kept_arena(ctx, (b, dz, du), z, u, k, key_max, cu, table, total)
         do = do.contiguous()
         dh, own = _bwd_dstates(q, q_max, b, do, None, cu, offsets, scale, total, v.shape[-1])
         wait = _start_outgoing(ctx.exchange, own)
@@ -193,6 +198,7 @@ class _SegmentsReGLATriton(torch.autograd.Function):
         grads = _bwd_main(
             q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total,
             h_carry=(incoming, before, reach), dh_carry=(at_end.float().contiguous(), after, reach),
+            out=(*_value_grads(q, k, v), dz, du),
         )
         if ctx.initial_dtype is not None and initial_grad is not None:
             initial_grad = initial_grad.to(ctx.initial_dtype)

@@ -24,6 +24,9 @@ import triton
 import triton.language as tl
 
 LOG_TWO = tl.constexpr(0.6931471805599453)
+# The dq/dk kernel's key block (`triton_chunk.LAUNCH["fast_dqk_block_k"]`) that b's row layout follows
+# (`gate_slots`).
+GATE_BLOCK = tl.constexpr(64)
 
 
 @triton.jit
@@ -94,14 +97,6 @@ def token_rows(tok, n, head, R_T, R_N):
 
 
 @triton.jit
-def sequence_gates(b_ptr, n, BSHIFT, DK: tl.constexpr):
-    """b_ptr for sequence n's rows. b is addressed by `token_rows` like the other per-token
-    tensors, less n * BSHIFT rows: a backward over time windows keeps b for its window only
-    while do and the gradients stay whole (`triton_chunk._ChunkReGLATritonWindowed`); 0 otherwise."""
-    return b_ptr - n.to(tl.int64) * BSHIFT * DK
-
-
-@triton.jit
 def load_value_rows(v_ptr, do_ptr, vrows, rows, mask, rv, DV: tl.constexpr, DT: tl.constexpr):
     """v (strided input rows vrows) and do (`token_rows` rows) [C, len(rv)] of a chunk in DT, 0 on
     padding rows."""
@@ -146,9 +141,29 @@ def last_row(x, C: tl.constexpr, row: tl.constexpr):
 
 
 @triton.jit
+def gate_slots(cols, DK: tl.constexpr):
+    """Where a row of b keeps key features `cols` (element offsets in the row). Each block of
+    GATE_BLOCK features has its first half in the row's first half and its second half in the
+    second: in a 16-bit gate arena (`triton_chunk._gate_arena`, a row of b is the row of dz, then
+    the row of du) the block's b then lies in the bytes of its own dz and du, so the dq/dk program
+    of a key block writes over no b but what it read. Rows of at most one block keep their order.
+    cols: runs of GATE_BLOCK / 2 features from multiples of it (every caller's key blocks), which
+    the slots keep as runs: the hint gives back the vector loads Triton's analysis cannot see
+    through // and % (without it the fast output and dv kernels took 0.74 -> 1.25 and 0.83 ->
+    1.42 ms, H200, 8K, benchmarks/runs/s9_call3)."""
+    if DK <= GATE_BLOCK:
+        slots = cols
+    else:
+        HALF: tl.constexpr = GATE_BLOCK // 2
+        slots = (cols % GATE_BLOCK) // HALF * (DK // 2) + cols // GATE_BLOCK * HALF + cols % HALF
+        slots = tl.max_contiguous(tl.multiple_of(slots, HALF), HALF)
+    return slots
+
+
+@triton.jit
 def load_chunk_gates(b_ptr, rows, mask, cols, DK: tl.constexpr):
     """b (chunk cumulative log gate) [C, len(cols)] fp32, 0 on padding rows."""
-    return tl.load(b_ptr + rows[:, None] * DK + cols[None, :], mask=mask[:, None], other=0.0)
+    return tl.load(b_ptr + rows[:, None] * DK + gate_slots(cols, DK)[None, :], mask=mask[:, None], other=0.0)
 
 
 @triton.jit
@@ -157,7 +172,7 @@ def load_gate_row(b_ptr, start, eos, row: tl.constexpr, n, head, R_T, R_N, cols,
     the sequence ends before): one row read, where a min over the chunk's rows would need a
     reduction across warps."""
     tok = start + tl.minimum(row, eos - start - 1)
-    return tl.load(b_ptr + token_rows(tok, n, head, R_T, R_N) * DK + cols)
+    return tl.load(b_ptr + token_rows(tok, n, head, R_T, R_N) * DK + gate_slots(cols, DK))
 
 
 @triton.jit
@@ -217,7 +232,7 @@ def intra_chunk_scores(
             smask = (src < eos) & (within >= j)
             krow = input_rows(src, n, head, S_T, S_N, S_H)
             kj = tl.load(k_ptr + krow[:, None] + cols[None, :], mask=smask[:, None], other=0.0).to(tl.float32)
-            bj = tl.load(b_ptr + token_rows(src, n, head, R_T, R_N)[:, None] * DK + cols[None, :], mask=smask[:, None], other=0.0)
+            bj = tl.load(b_ptr + token_rows(src, n, head, R_T, R_N)[:, None] * DK + gate_slots(cols, DK)[None, :], mask=smask[:, None], other=0.0)
             w = tl.where(smask[:, None], tl.exp(kj - key_max + tl.minimum(b - bj, 0.0)), 0.0)
             val = tl.sum(phi_q * w, axis=1)
             A += tl.where(rc[None, :] == col[:, None], val[:, None], 0.0)
@@ -251,20 +266,26 @@ def load_state(
 @triton.jit
 def store_gate_grads(
     score_terms, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, zrows, rows, mask, cols, DK: tl.constexpr,
+    GS: tl.constexpr,
 ):
     """dz, du of one chunk ([C, len(cols)] each, stored) from d log F_t =
         sum_{t' >= t} score_terms_{t'}      (phi_q dQ - phi_k dK of the intra-chunk scores),
       + sum_{s < t} dk_end_s                (keys before t, through the chunk-end state),
       + exp(b_end) g_h                      (the start state: g_h = rowsum(h * dh)),
-    both running sums in one scan."""
+    both running sums in one scan. GS: the row stride of dz and du in rows of DK, 1 (each
+    contiguous) or 2 (a 16-bit gate arena over b, `triton_chunk._gate_arena`: du_ptr = dz_ptr +
+    DK). Every value stored depends on the whole column of b this program read (`gate_slots`), so
+    it has read all of it before it writes over it."""
     step = score_terms - dk_end  # one scan for both sums
     d_log_f = (tl.sum(score_terms, axis=0) + tl.exp(b_end) * g_h)[None, :] + step - tl.cumsum(step, axis=0)
     z = tl.load(z_ptr + zrows[:, None] + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
     u = tl.load(u_ptr + zrows[:, None] + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
-    offsets = rows[:, None] * DK + cols[None, :]
     dz_coef, du_coef = refined_log_gate_grad_tl(z, u)
-    tl.store(dz_ptr + offsets, (d_log_f * dz_coef).to(dz_ptr.dtype.element_ty), mask=mask[:, None])
-    tl.store(du_ptr + offsets, (d_log_f * du_coef).to(du_ptr.dtype.element_ty), mask=mask[:, None])
+    dz = (d_log_f * dz_coef).to(dz_ptr.dtype.element_ty)
+    du = (d_log_f * du_coef).to(du_ptr.dtype.element_ty)
+    offsets = rows[:, None] * (GS * DK) + cols[None, :]
+    tl.store(dz_ptr + offsets, dz, mask=mask[:, None])
+    tl.store(du_ptr + offsets, du, mask=mask[:, None])
 
 
 @triton.jit
@@ -316,7 +337,7 @@ def chunk_gates_kernel(
         z = tl.load(z_ptr + zcols).to(tl.float32)
         u = tl.load(u_ptr + zcols).to(tl.float32)
         b += refined_log_gate_tl(z, u)
-        tl.store(b_ptr + token_rows(tok, n, head, R_T, R_N) * DK + rk, b)
+        tl.store(b_ptr + token_rows(tok, n, head, R_T, R_N) * DK + gate_slots(rk, DK), b)
         b_ref = tl.where(t < C // 2, b, b_ref)  # b at row C/2 - 1, or at the last row of a shorter chunk
         if KEY_MAX:
             k_max = tl.maximum(k_max, tl.load(k_ptr + input_rows(tok, n, head, S_T, S_N, S_H) + rk).to(tl.float32))
@@ -434,7 +455,7 @@ def chunk_fwd_output_kernel(
 @triton.jit
 def chunk_bwd_dstates_kernel(
     q_ptr, qmax_ptr, b_ptr, do_ptr, dht_ptr, dh_ptr, dh0_ptr, cu_ptr, choff_ptr, scale,
-    H, R_T, R_N, BSHIFT, S_T, S_N, S_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    H, R_T, R_N, S_T, S_N, S_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_DHT: tl.constexpr, DT: tl.constexpr,
 ):
     """Reverse over chunks, one (BK x BV) block: dh[chunk] = dL/d(state at the chunk end);
@@ -451,7 +472,6 @@ def chunk_bwd_dstates_kernel(
     rv = iv * BV + tl.arange(0, BV)
     rc = tl.arange(0, C)
     tile = rk[:, None] * DV + rv[None, :]
-    b_ptr = sequence_gates(b_ptr, n, BSHIFT, DK)
     dstate = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
         dstate += tl.load(dht_ptr + nh.to(tl.int64) * DK * DV + tile).to(tl.float32)
@@ -475,9 +495,9 @@ def chunk_bwd_dstates_kernel(
 def chunk_bwd_main_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, u_ptr, b_ptr, flag_ptr, kmax_ptr, h_ptr, hadd_ptr, hdecay_ptr,
     dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, dz_ptr, du_ptr, table_ptr, cu_ptr, work_ptr, scale,
-    H, R_T, R_N, BSHIFT, S_T, S_N, S_H, V_T, V_N, V_H, Z_T, Z_N, Z_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+    H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, Z_T, Z_N, Z_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
     S: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, DIAG_LIMIT: tl.constexpr, HAS_HADD: tl.constexpr,
-    HAS_DHADD: tl.constexpr,
+    HAS_DHADD: tl.constexpr, GS: tl.constexpr,
 ):
     """All input gradients of the chunks of the work list (flag 0, `slow_chunks_kernel`), one
     (chunk, head) at a time per program, from h (state at the chunk start) and dh
@@ -488,7 +508,6 @@ def chunk_bwd_main_kernel(
     for w in range(tl.program_id(0), tl.load(work_ptr), tl.num_programs(0)):
         ic, head = work_item(work_ptr, w, H)
         n, start, eos, mask, rows, fast = chunk_rows(table_ptr, cu_ptr, flag_ptr, ic, head, H, R_T, R_N, C)
-        gates = sequence_gates(b_ptr, n, BSHIFT, DK)
         rc = tl.arange(0, C)
         rk = tl.arange(0, DK)
         cols = rk[None, :]
@@ -497,7 +516,7 @@ def chunk_bwd_main_kernel(
         qrows = input_rows(start + rc, n, head, S_T, S_N, S_H)
         vrows = input_rows(start + rc, n, head, V_T, V_N, V_H)
         phi_q, phi_k, bw, b, b_end, key_max, A, _ = sub_chunk_scores(
-            q_ptr, k_ptr, gates, kmax_ptr, n, head, H, R_T, R_N, rows, qrows, mask, start, eos, S_T, S_N, S_H, C, S, DK, DT, DIAG_LIMIT
+            q_ptr, k_ptr, b_ptr, kmax_ptr, n, head, H, R_T, R_N, rows, qrows, mask, start, eos, S_T, S_N, S_H, C, S, DK, DT, DIAG_LIMIT
         )
         At = tl.trans((A * scale).to(DT))
 
@@ -536,7 +555,7 @@ def chunk_bwd_main_kernel(
                 smask = (src < eos) & (within >= jd)
                 krow = input_rows(src, n, head, S_T, S_N, S_H)
                 kj = tl.load(k_ptr + krow[:, None] + cols, mask=smask[:, None], other=0.0).to(tl.float32)
-                bj = tl.load(gates + token_rows(src, n, head, R_T, R_N)[:, None] * DK + cols, mask=smask[:, None], other=0.0)
+                bj = tl.load(b_ptr + token_rows(src, n, head, R_T, R_N)[:, None] * DK + gate_slots(rk, DK)[None, :], mask=smask[:, None], other=0.0)
                 dAj = tl.sum(tl.where(rc[None, :] == col[:, None], dA, 0.0), axis=1)
                 dQ += tl.where(smask[:, None], dAj[:, None] * tl.exp(kj - key_max + tl.minimum(b - bj, 0.0)), 0.0)
         tl.store(dq_ptr + rows[:, None] * DK + cols, (dQ * phi_q).to(dq_ptr.dtype.element_ty), mask=mask[:, None])
@@ -578,7 +597,7 @@ def chunk_bwd_main_kernel(
                 qrow = input_rows(src, n, head, S_T, S_N, S_H)
                 qj = tl.load(q_ptr + qrow[:, None] + cols, mask=smask[:, None], other=0.0).to(tl.float32)
                 qj = qj - tl.max(qj, axis=1)[:, None]
-                bj = tl.load(gates + token_rows(src, n, head, R_T, R_N)[:, None] * DK + cols, mask=smask[:, None], other=0.0)
+                bj = tl.load(b_ptr + token_rows(src, n, head, R_T, R_N)[:, None] * DK + gate_slots(rk, DK)[None, :], mask=smask[:, None], other=0.0)
                 dAj = tl.sum(tl.where(rc[:, None] == row[None, :], dA, 0.0), axis=0)
                 dK += tl.where(smask[:, None], dAj[:, None] * tl.exp(qj + tl.minimum(bj - b, 0.0)), 0.0)
         dK = dK * phi_k
@@ -586,4 +605,4 @@ def chunk_bwd_main_kernel(
         D -= dK
 
         zrows = input_rows(start + rc, n, head, Z_T, Z_N, Z_H)
-        store_gate_grads(D, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, zrows, rows, mask, rk, DK)
+        store_gate_grads(D, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, zrows, rows, mask, rk, DK, GS)

@@ -149,6 +149,7 @@ def test_refined_gate_is_the_spec_formula_and_bounded():
         (lambda a: a.update(initial_state=torch.zeros(2, 2, 8, 3)), "initial_state must be"),
         (lambda a: a.update(backend="cuda-magic"), "unknown backend"),
         (lambda a: a.update(cu_seqlens=torch.tensor([0, 3, 9])), "batch must be 1"),
+        (lambda a: a.update(low_memory="yes"), "low_memory='yes'"),
     ],
 )
 def test_bad_input_names_the_problem(change, message):

@@ -19,7 +19,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 import triton  # noqa: E402  (after the TRITON_INTERPRET check: Triton reads it on import)
 import triton.language as tl  # noqa: E402
 
-from regla_kernels.triton_stages import refined_log_gate_grad_tl  # noqa: E402
+from regla_kernels.triton_stages import GATE_BLOCK, gate_slots, refined_log_gate_grad_tl  # noqa: E402
 
 NAMES = ["o", "final_state", "dq", "dk", "dv", "dgate", "drefine", "dinitial"]
 
@@ -440,31 +440,34 @@ def test_inputs_with_strided_features_are_made_contiguous(launch):
         assert torch.equal(a, b)
 
 
-def _low_memory_equals_one_pass(inputs, cu_seqlens=None):
-    """The Triton path's outputs and gradients (`_run_with`) with low_memory=True, asserted bit for
+def _low_memory_equals_one_pass(inputs, cu_seqlens=None, mode=True):
+    """The Triton path's outputs and gradients (`_run_with`) with low_memory=mode, asserted bit for
     bit equal to the one-pass backward's."""
     from regla_kernels import chunk_regla
 
     one_pass = lambda *a, **kw: chunk_regla(*a, **kw, output_final_state=True, backend="triton")
     want = _run_with(one_pass, inputs, cu_seqlens)
-    got = _run_with(lambda *a, **kw: one_pass(*a, **kw, low_memory=True), inputs, cu_seqlens)
+    got = _run_with(lambda *a, **kw: one_pass(*a, **kw, low_memory=mode), inputs, cu_seqlens)
     for name, a, b in zip(NAMES, got, want):
         assert torch.equal(a, b), name
     return got
 
 
-@pytest.mark.parametrize("batch, length, windows, fast_limit", [(2, 150, 3, 17.0), (1, 300, 8, 60.0), (2, 200, 2, -1.0), (2, 330, 0, 17.0)])
-def test_low_memory_backward_over_windows(batch, length, windows, fast_limit, launch):
-    """low_memory=True: the backward over time windows (b recomputed per window, each window's
-    state pass from the start state the forward kept, the state gradient handed from window to
-    window) gives in fp32 exactly the one-pass backward's numbers, bit for bit (the window start
-    states are the fp32 states the one pass has there), and the fp64 recurrence's. Windows of 1,
-    2 and 2 chunks with a ragged last one, and as many as the memory rule picks (0); both kernel
-    paths."""
+@pytest.mark.parametrize(
+    "batch, length, windows, fast_limit, mode",
+    [(2, 150, 3, 17.0, True), (1, 300, 8, 60.0, "backward"), (2, 200, 2, -1.0, True), (2, 330, 0, 17.0, "backward")],
+)
+def test_low_memory_backward_over_windows(batch, length, windows, fast_limit, mode, launch):
+    """low_memory=True (b computed again per window) and "backward" (b kept from the forward): the
+    backward over time windows (each window's state pass from the start state the forward kept,
+    the state gradient handed from window to window) gives in fp32 exactly the one-pass
+    backward's numbers, bit for bit (the window start states are the fp32 states the one pass
+    has there), and the fp64 recurrence's. Windows of 1, 2 and 2 chunks with a ragged last one,
+    and as many as the memory rule picks (0); both kernel paths."""
     d = launch.MIN_HEAD_DIM
     launch.LAUNCH.update(backward_windows=windows, fast_limit=fast_limit)
     inputs = _inputs(batch, length, 2, 2 * d, d, logit_scale=1.0, seed=41)
-    _low_memory_equals_one_pass(inputs)
+    _low_memory_equals_one_pass(inputs, mode=mode)
     _compare(inputs, bound=2e-5)
 
 
@@ -531,9 +534,11 @@ def test_gradients_through_one_output_alone(low_memory, launch):
             assert error < 2e-5 or (b.norm() == 0 and a.norm() == 0), (which, index, error)
 
 
-@pytest.mark.parametrize("windows, lengths", [(3, [37, 100, 0, 1, 13, 190]), (5, [300]), (0, [64, 64, 65, 1])])
-def test_low_memory_backward_with_packed_sequences(windows, lengths, launch):
-    """low_memory=True with cu_seqlens: windows of global chunks holding pieces of one or more
+@pytest.mark.parametrize(
+    "windows, lengths, mode", [(3, [37, 100, 0, 1, 13, 190], True), (5, [300], "backward"), (0, [64, 64, 65, 1], "backward")]
+)
+def test_low_memory_backward_with_packed_sequences(windows, lengths, mode, launch):
+    """low_memory (True and "backward") with cu_seqlens: windows of global chunks holding pieces of one or more
     sequences (sequences cut by window edges, whole ones, an empty and a one-token one; one
     sequence over five windows; the window count of the memory rule): in fp32 bit for bit the
     one-pass backward's outputs and gradients (initial states included), and the fp64
@@ -542,7 +547,7 @@ def test_low_memory_backward_with_packed_sequences(windows, lengths, launch):
     launch.LAUNCH.update(backward_windows=windows, fast_limit=17.0)
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
     inputs = _inputs(1, sum(lengths), 2, 2 * d, d, sequences=len(lengths), logit_scale=1.0, seed=53)
-    got = _low_memory_equals_one_pass(inputs, cu)
+    got = _low_memory_equals_one_pass(inputs, cu, mode)
     if 0 in lengths:  # the fp64 recurrence takes no empty sequence (its key max)
         return
     ref = _run("naive", [x.double() for x in inputs], cu)
@@ -581,6 +586,78 @@ def test_packed_sequences(launch):
 def test_fp16_inputs(launch):
     d = launch.MIN_HEAD_DIM
     _compare(_inputs(1, 70, 2, d, d, dtype=torch.float16, seed=4), bound=3e-3)
+
+
+def test_gate_arena_rows_are_b_rows(launch):
+    """`_gate_arena`, 16-bit: b (fp32) and the gate-logit gradients share one buffer, row (t, h) of b
+    being the bytes of row (t, h) of dz and then of du, and no other's; fp32: three buffers."""
+    b, dz, du = launch._gate_arena(5, 3, 16, torch.float16, torch.device("cpu"))
+    assert b.dtype == torch.float32 and b.shape == dz.shape == du.shape == (5, 3, 16) and b.is_contiguous()
+    assert dz.stride(-1) == du.stride(-1) == 1
+    before = torch.randn(b.shape)
+    b.copy_(before)
+    dz[2, 1], du[2, 1] = 1.0, -2.0
+    assert (b != before).any(-1).nonzero().tolist() == [[2, 1]] and (b[2, 1] != before[2, 1]).all()
+    b, dz, du = launch._gate_arena(5, 3, 16, torch.float32, torch.device("cpu"))
+    assert len({x.data_ptr() for x in (b, dz, du)}) == 3
+
+
+@triton.jit
+def _slots_kernel(out_ptr, DK: tl.constexpr):
+    cols = tl.arange(0, DK)
+    tl.store(out_ptr + cols, gate_slots(cols, DK))
+
+
+@pytest.mark.parametrize("dk", [16, 64, 128, 256])
+def test_gate_slots_keep_each_key_block_in_its_own_gradient_bytes(dk):
+    """`gate_slots`: a permutation of a row of b under which the key features of each dq/dk key block
+    (GATE_BLOCK wide) occupy exactly the bytes of that block's dz and du in a 16-bit row (dz's dk
+    16-bit values, then du's), so a dq/dk program overwrites only the b it read."""
+    slots = torch.empty(dk, dtype=torch.int64)
+    _slots_kernel[(1,)](slots, DK=dk)
+    assert sorted(slots.tolist()) == list(range(dk))
+    block = min(dk, GATE_BLOCK.value)
+    for first in range(0, dk, block):
+        b_bytes = {4 * s + i for s in slots[first : first + block].tolist() for i in range(4)}
+        grad_bytes = {2 * (half * dk + j) + i for half in (0, 1) for j in range(first, first + block) for i in range(2)}
+        assert b_bytes == grad_bytes
+
+
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 2e-5), (torch.float16, 3e-3)])
+@pytest.mark.parametrize("route", ["one pass", "low memory", "packed low memory", "segments", "one pass dk 128"])
+def test_gate_gradients_over_b_and_a_second_backward(route, dtype, bound, launch):
+    """Every route keeps b in the gate gradients' buffer and writes them over it (`_gate_arena`;
+    16-bit: interleaved pairs): its results against the fp64 recurrence, and a second backward
+    through the same graph (retain_graph: the first overwrote b) computes b again and gives the
+    same gradients bit for bit."""
+    from regla_kernels import chunk_regla
+
+    d = launch.MIN_HEAD_DIM
+    launch.LAUNCH.update(backward_windows=3, fast_limit=17.0, segment_min_programs=10**6)
+    lengths = [37, 100, 1, 60] if route == "packed low memory" else None
+    cu = None if lengths is None else torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    batch, length = (1, sum(lengths)) if lengths else (2, 128)
+    dk, heads = (2 * d, 2) if route != "one pass dk 128" else (128, 1)  # 128: two key blocks, b's row permuted
+    inputs = _inputs(batch, length, heads, dk, d, sequences=len(lengths) if lengths else None, dtype=dtype, logit_scale=1.0, seed=61)
+    with_state = route != "segments"  # without a final state asked for, these sequences go as 2 segments
+    if route == "segments":
+        assert launch._segments_per_sequence(batch, heads, dk, d, length) == 2
+    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+    o, state = chunk_regla(
+        *leaves[:5], initial_state=leaves[5], cu_seqlens=cu, output_final_state=with_state, backend="triton",
+        low_memory="backward" if route.endswith("low memory") else False,  # the windowed route that keeps b
+    )
+    gen = torch.Generator().manual_seed(99)
+    loss = (o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum()
+    if with_state:
+        loss = loss + (state.double() * torch.randn(state.shape, generator=gen, dtype=torch.float64)).sum()
+    first = torch.autograd.grad(loss, leaves, retain_graph=True)
+    second = torch.autograd.grad(loss, leaves)
+    ref = _run("naive", [x.double() for x in inputs], cu, with_state=with_state)
+    for name, a, again, b in zip(NAMES[2:], first, second, ref[2:]):
+        assert torch.equal(a, again), name
+        assert ((a.double() - b).norm() / b.norm()).item() < bound, name
+    assert ((o.double() - ref[0]).norm() / ref[0].norm()).item() < bound
 
 
 def test_unsupported_shapes_and_dtypes_name_the_limit(launch):
