@@ -232,7 +232,16 @@ def _state_blocks(dk: int, dv: int, sequences_heads: int) -> Tuple[int, int]:
     bk, bv = min(dk, LAUNCH["states_block_k"]), min(dv, LAUNCH["states_block_v"])
     if bk > 32 and _state_programs(dk, dv, sequences_heads) < _multiprocessors():
         bk = 32
+    _check_key_block(bk, dk, "states_block_k")
     return bk, bv
+
+
+def _check_key_block(block: int, dk: int, setting: str) -> None:
+    """A key block of b's readers must cover whole runs of `gate_slots` (GATE_BLOCK / 2 features
+    from multiples of it) where b's rows are permuted (dk > GATE_BLOCK): the kernels tell Triton
+    so for vector loads."""
+    if dk > GATE_BLOCK.value and block < GATE_BLOCK.value // 2:
+        raise ValueError(f"LAUNCH['{setting}'] = {block}: key blocks must be at least {GATE_BLOCK.value // 2} at dk = {dk}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -444,6 +453,7 @@ def _bwd_main(
         out = tuple(_empty(tokens, heads, x.shape[-1], device=x.device, dtype=x.dtype) for x in (q, k, v, z, u))
     dq, dk_, dv_, dz, du = out
     gate_stride = _gate_grad_stride(dz, du, min(dk, LAUNCH["fast_dqk_block_k"]))
+    _check_key_block(min(dk, LAUNCH["fast_dqk_block_k"]), dk, "fast_dqk_block_k")
     if not flags.is_contiguous():  # the kernels index it as [chunks, H] rows
         raise ValueError("Triton ReGLA kernels: the chunk flags must be contiguous")
     if _fast_limit() >= 0:

@@ -274,8 +274,7 @@ def store_gate_grads(
       + exp(b_end) g_h                      (the start state: g_h = rowsum(h * dh)),
     both running sums in one scan. GS: the row stride of dz and du in rows of DK, 1 (each
     contiguous) or 2 (a 16-bit gate arena over b, `triton_chunk._gate_arena`: du_ptr = dz_ptr +
-    DK). Every value stored depends on the whole column of b this program read (`gate_slots`), so
-    it has read all of it before it writes over it."""
+    DK). The program writes over no b but what it read (`gate_slots`), after a barrier."""
     step = score_terms - dk_end  # one scan for both sums
     d_log_f = (tl.sum(score_terms, axis=0) + tl.exp(b_end) * g_h)[None, :] + step - tl.cumsum(step, axis=0)
     z = tl.load(z_ptr + zrows[:, None] + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
@@ -284,6 +283,11 @@ def store_gate_grads(
     dz = (d_log_f * dz_coef).to(dz_ptr.dtype.element_ty)
     du = (d_log_f * du_coef).to(du_ptr.dtype.element_ty)
     offsets = rows[:, None] * (GS * DK) + cols[None, :]
+    if GS == 2:
+        # The stores below overwrite b of other features of this program's rows, read by other
+        # threads: all of the program's reads of b before any of them (the products and
+        # reductions above imply such a barrier already; this one does not rely on it).
+        tl.debug_barrier()
     tl.store(dz_ptr + offsets, dz, mask=mask[:, None])
     tl.store(du_ptr + offsets, du, mask=mask[:, None])
 

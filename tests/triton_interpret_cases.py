@@ -372,6 +372,7 @@ def test_gates_kernel(warps, stages, launch):
     count = work[0].item()
     assert sorted(work[1 : 1 + count].tolist()) == (flags.flatten() == 0).nonzero().flatten().tolist()  # the sub-chunk work list
     assert torch.equal(key_max, torch.stack(want_max).float())
+    b = b[..., _feature_slots(b.shape[-1])]  # b's rows are in `gate_slots` order
     torch.testing.assert_close(b.double(), torch.cat(want_b), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(chunk_decay.double(), torch.cat(want_decay), rtol=1e-5, atol=1e-5)
     _compare(inputs, bound=2e-5, cu_seqlens=cu)
@@ -608,13 +609,19 @@ def _slots_kernel(out_ptr, DK: tl.constexpr):
     tl.store(out_ptr + cols, gate_slots(cols, DK))
 
 
+def _feature_slots(dk):
+    """`gate_slots` of features 0..dk-1: where a row of b keeps each feature (int64 [dk])."""
+    slots = torch.empty(dk, dtype=torch.int64)
+    _slots_kernel[(1,)](slots, DK=dk)
+    return slots
+
+
 @pytest.mark.parametrize("dk", [16, 64, 128, 256])
 def test_gate_slots_keep_each_key_block_in_its_own_gradient_bytes(dk):
     """`gate_slots`: a permutation of a row of b under which the key features of each dq/dk key block
     (GATE_BLOCK wide) occupy exactly the bytes of that block's dz and du in a 16-bit row (dz's dk
     16-bit values, then du's), so a dq/dk program overwrites only the b it read."""
-    slots = torch.empty(dk, dtype=torch.int64)
-    _slots_kernel[(1,)](slots, DK=dk)
+    slots = _feature_slots(dk)
     assert sorted(slots.tolist()) == list(range(dk))
     block = min(dk, GATE_BLOCK.value)
     for first in range(0, dk, block):
