@@ -76,6 +76,8 @@ REGLA_OPTIONS = (
            "segment, overlapped with the other segment's compute (off by default; for slow links)."),
     Option("low-memory", _bool, "Triton path without CP: backward over time windows, no fp32 gate "
            "tensor kept from the forward (less activation and peak memory, some speed)."),
+    Option("low-memory-keep-gates", _bool, "With --regla-low-memory: the gate tensor kept from the "
+           "forward as without it (faster; the backward's peak stays low, saved activations do not)."),
 )
 
 

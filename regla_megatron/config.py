@@ -78,6 +78,12 @@ class ReGLAConfig(TransformerConfig):
     layer and about 0.9 GB lower backward peak at 64K tokens, 16 heads of 128, for about 0.9 ms
     of the kernels' 5.7 (benchmarks/results_kernels.md). Packed sequences (THD) too."""
 
+    regla_low_memory_keep_gates: bool = False
+    """With regla_low_memory: the forward keeps the gate tensor as without it (in the gate
+    gradients' buffer, `chunk_regla(..., low_memory="backward")`): the same backward peak for about
+    0.6 ms less per layer at 64K tokens, 16 heads of 128, but not the 0.54 GB fewer saved
+    activations."""
+
     def __post_init__(self):
         super().__post_init__()
         if self.regla_num_heads is None:
@@ -135,6 +141,11 @@ class ReGLAConfig(TransformerConfig):
                         f"[{TRITON_MIN_HEAD_DIM}, {TRITON_MAX_HEAD_DIM}], got {name} = {dim}; change the head "
                         f"dim or use regla_backend='auto' (Triton where it can, torch elsewhere)"
                     )
+        if self.regla_low_memory_keep_gates and not self.regla_low_memory:
+            raise ValueError(
+                "ReGLAConfig: regla_low_memory_keep_gates only changes regla_low_memory, which is off; "
+                "turn regla_low_memory on too, or drop regla_low_memory_keep_gates"
+            )
         if self.regla_low_memory and self.context_parallel_size > 1:
             raise ValueError(
                 f"ReGLAConfig: regla_low_memory is not implemented with context parallelism "

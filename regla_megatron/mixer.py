@@ -229,9 +229,10 @@ class ReGLAMixer(MegatronModule):
                 overlap_forward=self.config.regla_cp_overlap_forward,
             )
         cu_seqlens = _packed_cu_seqlens(packed_seq_params, q.shape[0])
-        out, _ = chunk_regla(
-            q, k, v, z, u, scale=self.scale, cu_seqlens=cu_seqlens, backend=backend, low_memory=self.config.regla_low_memory
-        )
+        low_memory = self.config.regla_low_memory
+        if low_memory and self.config.regla_low_memory_keep_gates:
+            low_memory = "backward"
+        out, _ = chunk_regla(q, k, v, z, u, scale=self.scale, cu_seqlens=cu_seqlens, backend=backend, low_memory=low_memory)
         return out
 
     def _local_cu_seqlens(self, packed_seq_params, batch: int, local_length: int) -> Optional[torch.Tensor]:

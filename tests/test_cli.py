@@ -34,6 +34,9 @@ def test_unset_flags_leave_config_defaults():
     args = _parse("--regla-norm", "layernorm", "--no-regla-output-gate")
     assert regla_config_kwargs(args) == {"regla_norm": "layernorm", "regla_output_gate": False}
     assert regla_config_kwargs(_parse("--regla-low-memory")) == {"regla_low_memory": True}
+    assert regla_config_kwargs(_parse("--regla-low-memory", "--regla-low-memory-keep-gates")) == {
+        "regla_low_memory": True, "regla_low_memory_keep_gates": True,
+    }
     assert not hasattr(args, "regla_pattern")  # so Megatron keeps ReGLAConfig's default
 
 

@@ -63,6 +63,7 @@ def test_softmax_layers_allowed_under_context_parallelism():
         (dict(regla_norm_eps=0.0), r"regla_norm_eps must be positive"),
         (dict(regla_low_memory=True, context_parallel_size=2),
          r"regla_low_memory is not implemented with context parallelism \(context_parallel_size = 2\)"),
+        (dict(regla_low_memory_keep_gates=True), r"regla_low_memory_keep_gates only changes regla_low_memory, which is off"),
     ],
 )
 def test_bad_input_raises_clear_error(overrides, message):

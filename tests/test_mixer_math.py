@@ -288,7 +288,8 @@ def test_context_parallel_hands_views_and_options_to_state_passing(megatron_sing
 
 
 def test_low_memory_option_reaches_the_kernels(megatron_single_process, monkeypatch):
-    """regla_low_memory (--regla-low-memory) is handed to chunk_regla; off by default."""
+    """regla_low_memory (--regla-low-memory) is handed to chunk_regla, as "backward" with
+    regla_low_memory_keep_gates; off by default."""
     import regla_megatron.mixer as mixer_module
 
     seen = []
@@ -300,9 +301,9 @@ def test_low_memory_option_reaches_the_kernels(megatron_single_process, monkeypa
 
     monkeypatch.setattr(mixer_module, "chunk_regla", recording_chunk_regla)
     x = torch.randn(SEQ, BATCH, HIDDEN, dtype=torch.float64)
-    for low_memory in (False, True):
-        build_mixer(mixer_config(**({"regla_low_memory": True} if low_memory else {})))(x)
-    assert seen == [False, True]
+    for options in ({}, {"regla_low_memory": True}, {"regla_low_memory": True, "regla_low_memory_keep_gates": True}):
+        build_mixer(mixer_config(**options))(x)
+    assert seen == [False, True, "backward"]
 
 
 def test_local_softmax_layers_use_cp_attention_under_context_parallelism(megatron_single_process):
