@@ -236,10 +236,16 @@ def _state_blocks(dk: int, dv: int, sequences_heads: int) -> Tuple[int, int]:
     return bk, bv
 
 
-def _check_key_block(block: int, dk: int, setting: str) -> None:
+def _check_key_block(block: int, dk: int, setting: str, over_b: bool = False) -> None:
     """A key block of b's readers must cover whole runs of `gate_slots` (GATE_BLOCK / 2 features
     from multiples of it) where b's rows are permuted (dk > GATE_BLOCK): the kernels tell Triton
-    so for vector loads."""
+    so for vector loads. The dq/dk kernel writing the gate gradients over b (over_b) must take
+    exactly the key blocks b's rows are laid out for."""
+    if over_b and block != min(dk, GATE_BLOCK.value):
+        raise ValueError(
+            f"LAUNCH['{setting}'] = {block}: with the gate gradients over b (16-bit inputs) the dq/dk "
+            f"kernel's key block must be {GATE_BLOCK.value} (triton_stages.GATE_BLOCK, b's row layout)"
+        )
     if dk > GATE_BLOCK.value and block < GATE_BLOCK.value // 2:
         raise ValueError(f"LAUNCH['{setting}'] = {block}: key blocks must be at least {GATE_BLOCK.value // 2} at dk = {dk}")
 
@@ -437,23 +443,22 @@ def _bwd_dstates(q, q_max, b, do, dht, cu, offsets, scale, total, dv, order=None
 
 def _bwd_main(
     q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total, h_carry=None, dh_carry=None, order=None, work=None,
-    out=None,
+    *, out,
 ):
     """dq, dk, dv, dz, du ([T, H, D] each in its input's dtype) from h and dh (plus `h_carry`,
-    `dh_carry`, see `_carried`). do: contiguous [T, H, dv]. `work`: as in `_fwd_output`. `out`: the
-    five gradients preallocated (views the kernels write at `order`'s rows; dz and du may be the
-    gate arena's over b, `_gate_arena`), else contiguous ones."""
-    tokens, heads, dk = _dims(q)
+    `dh_carry`, see `_carried`), written into `out` (views the kernels write at `order`'s rows:
+    `_value_grads` and the gate arena's dz and du, `_gate_arena`). do: contiguous [T, H, dv].
+    `work`: as in `_fwd_output`."""
+    _, heads, dk = _dims(q)
     order = (heads, 0) if order is None else order
     dv = v.shape[-1]
     dt = _dot_dtype(q.dtype)
     h_add, h_decay, _, has_h_add = _carried(h_carry, b)
     dh_add, dh_decay, dh_reach, has_dh_add = _carried(dh_carry, b)
-    if out is None:
-        out = tuple(_empty(tokens, heads, x.shape[-1], device=x.device, dtype=x.dtype) for x in (q, k, v, z, u))
     dq, dk_, dv_, dz, du = out
-    gate_stride = _gate_grad_stride(dz, du, min(dk, LAUNCH["fast_dqk_block_k"]))
-    _check_key_block(min(dk, LAUNCH["fast_dqk_block_k"]), dk, "fast_dqk_block_k")
+    bk = min(dk, LAUNCH["fast_dqk_block_k"])
+    gate_stride = _gate_grad_stride(dz, du)
+    _check_key_block(bk, dk, "fast_dqk_block_k", over_b=gate_stride == 2)
     if not flags.is_contiguous():  # the kernels index it as [chunks, H] rows
         raise ValueError("Triton ReGLA kernels: the chunk flags must be contiguous")
     if _fast_limit() >= 0:
@@ -465,7 +470,6 @@ def _bwd_main(
                 heads, *order, *_layout(q), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, BV=min(dv, LAUNCH["fast_dv_block_v"]), DT=dt,
                 CARRY=carry, num_warps=LAUNCH["fast_dv_warps"], num_stages=LAUNCH["fast_dv_stages"], **_register_cap("fast_dv"),
             )
-        bk = min(dk, LAUNCH["fast_dqk_block_k"])
         chunk_bwd_dqk_fast_kernel[(dk // bk, total, heads)](
             q, k, v, z, u, b, flags, key_max, q_max, score_grad, h, h_add, h_decay, dh, dh_add, dh_decay, do,
             dq, dk_, dz, du, table, cu, scale,
@@ -484,19 +488,13 @@ def _bwd_main(
     return dq, dk_, dv_, dz, du
 
 
-def _gate_grad_stride(dz: torch.Tensor, du: torch.Tensor, dqk_block: int) -> int:
+def _gate_grad_stride(dz: torch.Tensor, du: torch.Tensor) -> int:
     """The kernels' GS for these gate-gradient buffers ([rows, dk] views): 1 (contiguous rows
-    each) or 2 (a 16-bit `_gate_arena` over b: rows of dz and du alternate). Over b the dq/dk
-    kernel's key block must be the one b's rows are laid out for (`triton_stages.GATE_BLOCK`)."""
+    each) or 2 (a 16-bit `_gate_arena` over b: rows of dz and du alternate)."""
     dk = dz.shape[-1]
     if dz.stride(-2) == du.stride(-2) == dk:
         return 1
     if dz.stride(-2) == du.stride(-2) == 2 * dk and du.data_ptr() == dz.data_ptr() + dk * dz.element_size():
-        if dqk_block != min(dk, GATE_BLOCK.value):
-            raise ValueError(
-                f"LAUNCH['fast_dqk_block_k'] = {dqk_block}: with the gate gradients over b (16-bit inputs) the dq/dk "
-                f"kernel's key block must be {GATE_BLOCK.value} (triton_stages.GATE_BLOCK, b's row layout)"
-            )
         return 2
     raise ValueError(f"Triton ReGLA kernels: gate-gradient rows of strides {dz.stride(-2)}, {du.stride(-2)} are not a layout they write")
 
@@ -631,16 +629,15 @@ def _keep_for_windows(ctx, q, k, v, z, u, arena, flags, key_max, q_max, h0, star
     instead; with keep_gates the gate arena and flags, else neither), and the initial state's
     dtype for its gradient."""
     ctx.set_materialize_grads(False)
-    ctx.recompute_gates = not keep_gates
     kept = (*arena, flags) if keep_gates else (None,) * 4
     ctx.save_for_backward(q, k, v, z, u, *kept, key_max, q_max, h0, starts)
     ctx.h0_dtype = None if h0 is None else h0.dtype
 
 
 def _window_arena(ctx, arena, z, u, k, key_max, cu, table, total, order=None):
-    """The gate arena of a windowed backward: the forward's (`_kept_arena`), or a new one whose b
-    each window fills for itself (`_window_backward`)."""
-    if ctx.recompute_gates:
+    """The gate arena of a windowed backward: the forward's (`_kept_arena`), or, where the forward
+    kept none (arena of Nones), a new one whose b each window fills for itself (`_window_backward`)."""
+    if arena[0] is None:
         return _gate_arena(*_dims(z), z.dtype, z.device)
     return _kept_arena(ctx, arena, z, u, k, key_max, cu, table, total, order)
 
@@ -686,16 +683,16 @@ class _ChunkReGLATritonWindowed(torch.autograd.Function):
         grads = [*_value_grads(q, k, v), *arena[1:]]
         dstate = None if dht is None else dht.float().contiguous()
         windows, window_chunks = starts.shape[0] + 1, ctx.window // CHUNK_SIZE
-        chunk_flags = None if ctx.recompute_gates else flags.view(batch, -1, heads)
         for index in reversed(range(windows)):
             first, window = index * ctx.window, min(ctx.window, length - index * ctx.window)
             last = first + window == length  # its dht is autograd's (or None), the others' our own buffer
-            window_flags = None if ctx.recompute_gates else chunk_flags[:, index * window_chunks : index * window_chunks + -(-window // CHUNK_SIZE)]
+            chunks = slice(index * window_chunks, index * window_chunks + -(-window // CHUNK_SIZE))
+            window_flags = None if flags is None else flags.view(batch, -1, heads)[:, chunks].reshape(-1, heads).contiguous()
             dstate = _window_backward(
                 [x[:, first : first + window] for x in (q, k, v, z, u)],
                 _window_rows((do, q_max.unsqueeze(-1), arena[0], *grads), first * row_t),
                 key_max, h0 if index == 0 else starts[index - 1], dstate, ctx.scale, _regular_tables(batch, window, q.device),
-                _window_order(batch, length, window, heads, ctx.minor), None if window_flags is None else window_flags.reshape(-1, heads).contiguous(),
+                _window_order(batch, length, window, heads, ctx.minor), window_flags,
                 dh_start=dstate if not last and dstate is not None else None,
             )
         grads = [_from_rows(g, batch, length, ctx.minor) for g in grads]
@@ -784,7 +781,7 @@ class _ChunkReGLATritonPackedWindowed(torch.autograd.Function):
                 [x[:, w.start : w.end] for x in (q, k, v, z, u)],
                 _window_rows((do, q_max.unsqueeze(-1), arena[0], *grads), w.start * heads),
                 key_max[w.sequences], init, end_grad, ctx.scale, w.tables, (heads, 0),
-                None if ctx.recompute_gates else flags[w.first_chunk : w.first_chunk + w.tables[3]],
+                None if flags is None else flags[w.first_chunk : w.first_chunk + w.tables[3]],
             )
             if w.continued:
                 handed, dh_start = dh_start[0], dh_start[1:]
