@@ -252,7 +252,7 @@ def markdown(meta, rows):
     lines.append("")
     lines.append(
         "Ratios are ReGLA fwd+bwd time over the other's (lower is better). low_memory: `chunk_regla(..., low_memory=True)` "
-        "(b computed again per window, no gate tensor saved); \"backward\": `low_memory=\"backward\"` (b kept from the forward)."
+        "(the gate b and the states h computed again per window, neither saved); \"backward\": `low_memory=\"backward\"` (b and h kept from the forward, as by default)."
     )
     return "\n".join(lines) + "\n"
 

@@ -228,7 +228,7 @@ def main():
         ("bf16 cu_seqlens [300,1000,77] H4 d128", 1, 1377, 4, 128, 128, torch.bfloat16, 1.0, [300, 1000, 77]),
         ("fp32 cu_seqlens [1,64,65,500] H2 d64", 1, 630, 2, 64, 64, torch.float32, 1.0, [1, 64, 65, 500]),
     ]
-    low_memory = [  # the windowed backward: low_memory=True (b computed again per window) or "backward" (b kept)
+    low_memory = [  # the windowed backward: low_memory=True (b and h computed again per window) or "backward" (both kept)
         ("low memory bf16 B2 T8192 H4 d128", 2, 8192, 4, 128, 128, torch.bfloat16, 1.0, None, True),
         ("low memory backward bf16 B2 T8192 H4 d128", 2, 8192, 4, 128, 128, torch.bfloat16, 1.0, None, "backward"),
         ("low memory fp32 B3 T1000 H4 d128", 3, 1000, 4, 128, 128, torch.float32, 1.0, None, True),

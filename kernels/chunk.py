@@ -112,15 +112,15 @@ def chunk_regla(
             and one key max per sequence.
         backend: "auto" (Triton for CUDA tensors it supports, see `resolve_backend`, else
             "torch"), "triton", "torch" (chunked PyTorch) or "naive" (token-by-token oracle).
-        low_memory: Triton backend (the other backends ignore it). True: the backward runs
-            over time windows (as few as keep its buffers within 21% of o and the input
-            gradients) and the forward keeps no gate tensor for it (computed again per window):
-            peak under 2 GB and 0.54 GB fewer saved activations than the default at 64K
-            tokens, H 16, d 128, for about 0.9 ms (0.57-0.58x fla's time against 0.50x).
-            "backward": the same windows with the forward's saved tensors as by default (the
-            gate kept, in the gate gradients' buffer): peak under 2 GB for about 0.3 ms
-            (0.52-0.53x; benchmarks/results_kernels.md). With cu_seqlens the windows cut across
-            sequences.
+        low_memory: Triton backend (the other backends ignore it). By default the forward
+            keeps the cumulative gate and the chunk-start states for the backward (1.08 GB at
+            64K tokens, H 16, d 128, bf16; each in a gradient's buffer, so the backward's peak
+            is 2.3 GB). "backward": the backward runs over time windows (as few as keep its
+            buffers within 21% of o and the input gradients), with the same saved tensors:
+            peak under 2 GB for about 0.1 ms (0.47-0.48x fla's time against 0.47x). True: the
+            same windows, the forward keeping neither (computed again per window): peak under
+            2 GB and 1.08 GB fewer saved activations per call, for about 1.2 ms (0.56-0.58x;
+            benchmarks/results_kernels.md). With cu_seqlens the windows cut across sequences.
     Returns:
         o: [B, T, H, dv] in q's dtype.
         final_state: [N, H, dk, dv] float32 (float64 for float64 inputs), or None.

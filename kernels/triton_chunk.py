@@ -9,15 +9,16 @@ Stages (kernels in `triton_stages.py` and `triton_fast.py`):
             chunk_fwd_output_fast / chunk_fwd_output (parallel over chunks, by flag: the second
             walks a work list of its chunks, `_slow_chunks`; they also keep each token's query
             max for the backward)
-  backward: chunk_fwd_states again (recompute the chunk-start states; b is kept)
-            chunk_bwd_dstates (reverse over chunks: state gradients, initial-state gradient)
+  backward: chunk_bwd_dstates (reverse over chunks: state gradients, initial-state gradient)
             chunk_bwd_dv_fast (dv and the score gradient dA) + chunk_bwd_dqk_fast /
             chunk_bwd_main (parallel, by flag; a work list too): dq, dk, dv and both gate-logit
             gradients
-No pass runs outside the kernels. b shares its buffer with the gate-logit gradients the last
-stage writes over it (`_gate_arena`). With low_memory (`_ChunkReGLATritonWindowed`) the backward
-runs these stages per time window, b kept from the forward ("backward") or computed again per
-window (True).
+No pass runs outside the kernels. The forward's b and h are kept for the backward, each in the
+buffer of the gradients the last stage writes over them: b in the gate-logit gradients'
+(`_gate_arena`), h in dq's and dk's (`_GradArena`, where it fits; else h is recomputed by
+chunk_fwd_states first). With low_memory (`_ChunkReGLATritonWindowed`) the backward runs these
+stages per time window, b and h kept from the forward ("backward") or computed again per window
+(True).
 
 Layout [B, T, H, D] (or B = 1 with `cu_seqlens`), any strides with contiguous features (read in
 place: Megatron's [s, b] activations as [b, s] views need no copy, see `_layout`), any T
@@ -28,7 +29,7 @@ powers of two in [MIN_HEAD_DIM, MAX_HEAD_DIM].
 import bisect
 import functools
 import os
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 import triton
@@ -102,8 +103,10 @@ LAUNCH = {
     # device) until they have segment_min_programs. H200, bf16, 64K tokens, H 16, d 128
     # (benchmarks/runs/s4_call1, s4_call2): B = 1 13.39 ms in one pass, 10.10 as 8 segments;
     # B = 2 (64 programs) 10.28 -> 10.18 as 4; B = 4 (128 programs) 9.23 -> 10.09 as 2 (hence
-    # the lower bound). 0 = off.
-    "segment_below_programs": 66,
+    # the lower bound). Since the backward keeps h (in the gradient arena) instead of recomputing
+    # it, B = 2 is faster in one pass: 32K, 6.30 ms as 4 segments, 6.09 in one pass at 2.29 GB
+    # instead of 2.87 (benchmarks/runs/s10_call3), hence 64. 0 = off.
+    "segment_below_programs": 64,
     # 132: 4 segments at 32K (B = 2), 6.45 -> 6.36 ms against 8 (benchmarks/runs/s7_call3).
     "segment_min_programs": 132,
     # Register caps (ptxas maxnreg) per kernel, 0 = none: a cap trades spills for more programs
@@ -117,13 +120,13 @@ LAUNCH = {
     "fast_dv_maxnreg": 128,
     "fast_dqk_maxnreg": 0,
     # Windows of the low-memory backward (`chunk_regla(..., low_memory=...)`,
-    # `_ChunkReGLATritonWindowed`): its peak holds h, dh and dA of one window (b is in the gate
-    # gradients' buffer), and the forward keeps each later window's start state. 0 = as few
-    # windows as keep those two within window_memory_fraction of the backward's outputs (o and
-    # the input gradients, which any backward holds): each window costs about 0.07-0.1 ms (H200,
-    # 8K, benchmarks/runs/s8_call2, s9_call1). At the record shape (bf16, 64K tokens, H 16, d 128)
-    # 0.22 gave 4 windows everywhere and 2.0007 GB at 2K (s9_call4: the start states of 32
-    # sequences); 0.21 takes 5 there (predicted 1.94 GB, not yet measured) and 4 from 4K.
+    # `_ChunkReGLATritonWindowed`): its peak holds dh and dA of one window (b and h are in the
+    # gradients' buffers; h not where it does not fit them, `_states_fit_grads`), and where the
+    # windows compute h again the forward keeps each later window's start state. 0 = as few
+    # windows as keep those within window_memory_fraction of the backward's outputs (o and the
+    # input gradients, which any backward holds): each window costs about 0.07-0.1 ms (H200, 8K,
+    # benchmarks/runs/s8_call2, s9_call1). At the record shape (bf16, 64K tokens, H 16, d 128):
+    # 2 windows with "backward", 1.95-1.98 GB, and 3 with True, 1.86-1.96 GB (runs/s10_call3).
     "backward_windows": 0,
     "window_memory_fraction": 0.21,
 }
@@ -193,6 +196,64 @@ def _gate_arena(tokens: int, heads: int, dk: int, dtype: torch.dtype, device: to
         return tuple(_empty(tokens, heads, dk, device=device, dtype=dtype) for _ in range(3))
     rows = _empty(tokens, heads, 2, dk, device=device, dtype=dtype)
     return rows.view(tokens, heads, 2 * dk).view(torch.float32), rows[:, :, 0], rows[:, :, 1]
+
+
+class _GradArena(NamedTuple):
+    """dq and dk of a backward in one buffer (q's dtype) that holds the chunk-start states h until
+    the gradient kernels write dq and dk over them (`triton_stages.state_offsets`): h then needs
+    no memory of its own, 0.54 GB at the record shape (bf16, 64K tokens, H 16, d 128). buffer:
+    flat, a row of 2 dk per token and head (dq's row, then dk's; [T, H, 2, dk]), then the states
+    of each sequence's last, shorter chunk from element `spill` on ([N, H, dk, dv], where some
+    sequence has one). dq, dk: [T, H, dk] views."""
+
+    buffer: torch.Tensor
+    spill: int
+    dq: torch.Tensor
+    dk: torch.Tensor
+
+    def from_row(self, first_row: int) -> "_GradArena":
+        """The arena as the kernels of a window address it: pointers at row `first_row`."""
+        cut = first_row * 2 * self.dq.shape[-1]
+        rows = lambda x: x.flatten(0, -2)[first_row:]
+        return _GradArena(self.buffer[cut:], self.spill - cut, rows(self.dq), rows(self.dk))
+
+
+def _states_fit_grads(dk: int, dv: int, dtype: torch.dtype) -> bool:
+    """Whether h can live in the dq/dk gradient arena (`_GradArena`): its dtype is the gradients'
+    (bf16, fp32; fp16 keeps fp32 states), a dq/dk key block (GATE_BLOCK features) of a chunk has
+    room for that block's h rows (dv at most 2 C = 2 GATE_BLOCK: one or two per token) and the
+    dq/dk kernel's key block is GATE_BLOCK."""
+    block = GATE_BLOCK.value
+    return (
+        _state_dtype(dtype) == dtype
+        and dv in (block, 2 * block)
+        and dk % block == 0
+        and min(dk, LAUNCH["fast_dqk_block_k"]) == block
+        and CHUNK_SIZE == block
+    )
+
+
+def _grad_arena(tokens: int, heads: int, dk: int, dv: int, spilled_sequences: int, dtype, device) -> _GradArena:
+    """A `_GradArena` of `tokens` tokens with room for the states of `spilled_sequences` sequences'
+    last, shorter chunks (all sequences where any has one: the kernels index the spill by sequence)."""
+    rows = tokens * heads * 2 * dk
+    buffer = _empty(rows + spilled_sequences * heads * dk * dv, device=device, dtype=dtype)
+    return _grad_arena_of(buffer, tokens, heads, dk)
+
+
+def _grad_arena_of(buffer: torch.Tensor, tokens: int, heads: int, dk: int) -> _GradArena:
+    """The `_GradArena` of a buffer `_grad_arena` made (a saved tensor back in the backward)."""
+    rows = tokens * heads * 2 * dk
+    pairs = buffer[:rows].view(tokens, heads, 2, dk)
+    return _GradArena(buffer, rows, pairs[:, :, 0], pairs[:, :, 1])
+
+
+def _state_args(h) -> Tuple[torch.Tensor, int, bool]:
+    """The kernels' (h pointer, spill, IN_GRADS) of chunk-start states: a tensor [chunks, H, dk, dv]
+    of their own, or a `_GradArena`."""
+    if isinstance(h, _GradArena):
+        return h.buffer, h.spill, True
+    return h, 0, False
 
 
 def _chunk_tables(cu_seqlens: torch.Tensor, chunk: int):
@@ -321,25 +382,28 @@ def _gates(z, u, k, cu, table, total, key_max=None, out=None, need_key_max=True,
     return b, chunk_decay, flags, key_max
 
 
-def _fwd_states(k, v, b, key_max, h0, cu, offsets, total, store_final, out=None, order=None, starts=None):
+def _fwd_states(k, v, b, key_max, h0, cu, offsets, total, store_final, out=None, order=None, starts=None, into=None):
     """States at every chunk start (h); with store_final also the final states (fp32 [N, H, dk, dv]).
     `out`: (h, final states) preallocated. `starts`: (buffer [W - 1, N, H, dk, dv] in h's dtype,
-    chunks per window) to receive each later window's start state (equal sequences only)."""
+    chunks per window) to receive each later window's start state (equal sequences only).
+    `into`: a `_GradArena` to hold h (returned as h) instead of a buffer of its own."""
     tokens, heads, dk = _dims(k)
     order = (heads, 0) if order is None else order
     dv = v.shape[-1]
     n = cu.numel() - 1
     if out is None:
-        h = _empty(total, heads, dk, dv, device=k.device, dtype=_state_dtype(k.dtype))
-        ht = _empty(n, heads, dk, dv, device=k.device, dtype=torch.float32) if store_final else h
+        h = into if into is not None else _empty(total, heads, dk, dv, device=k.device, dtype=_state_dtype(k.dtype))
+        ht = _empty(n, heads, dk, dv, device=k.device, dtype=torch.float32) if store_final else None
     else:
         h, ht = out
+    h_ptr, spill, in_grads = _state_args(h)
+    ht_ptr = ht if ht is not None else h_ptr
     bk, bv = _state_blocks(dk, dv, n * heads)
     chunk_fwd_states_kernel[((dk // bk) * (dv // bv), n * heads)](
-        k, v, b, key_max, h0 if h0 is not None else h, h, ht, h if starts is None else starts[0], cu, offsets,
-        0 if starts is None else starts[1], n,
+        k, v, b, key_max, h0 if h0 is not None else h_ptr, h_ptr, ht_ptr, h_ptr if starts is None else starts[0], cu, offsets,
+        0 if starts is None else starts[1], n, spill,
         heads, *order, *_layout(k), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=bv, HAS_H0=h0 is not None,
-        STORE_HT=store_final, DT=_dot_dtype(k.dtype), STARTS=starts is not None,
+        STORE_HT=store_final, DT=_dot_dtype(k.dtype), STARTS=starts is not None, IN_GRADS=in_grads,
         num_warps=LAUNCH["states_warps"], num_stages=LAUNCH["states_stages"],
         **_register_cap("states"),
     )
@@ -394,7 +458,7 @@ def _carry_launches(has_carry: bool):
 
 
 def _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, h_carry=None, out=None, order=None, work=None):
-    """o [T, H, dv] in q's dtype from the chunk-start states h (plus `h_carry`, see `_carried`),
+    """o [T, H, dv] in q's dtype from the chunk-start states h (`_state_args`; plus `h_carry`, see `_carried`),
     and each token's query max (fp32 [T, H], for the backward). `out`: both preallocated. `work`:
     the sub-chunk work list of these flags (`_slow_chunks`), made here when not given."""
     tokens, heads, dk = _dims(q)
@@ -404,21 +468,22 @@ def _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, h_carry=
         out = (_empty(tokens, heads, dv, device=q.device, dtype=q.dtype), _empty(tokens, heads, device=q.device, dtype=torch.float32))
     o, q_max = out
     h_add, h_decay, reach, has_h_add = _carried(h_carry, b)
+    h, spill, in_grads = _state_args(h)
     if _fast_limit() >= 0:
         fast_add = _product_state(h_add, has_h_add, q.dtype)
         for carry in _carry_launches(has_h_add):
             block_v = LAUNCH["fast_output_block_v_carried" if carry == 2 else "fast_output_block_v"]
             chunk_fwd_output_fast_kernel[(total, heads)](
-                q, k, v, b, flags, key_max, h, fast_add, h_decay, reach, o, q_max, table, cu, scale,
+                q, k, v, b, flags, key_max, h, fast_add, h_decay, reach, o, q_max, table, cu, scale, spill,
                 heads, *order, *_layout(q), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, BV=min(dv, block_v), DT=_dot_dtype(q.dtype),
-                CARRY=carry, num_warps=LAUNCH["fast_output_warps"], num_stages=1, **_register_cap("fast_output"),
+                CARRY=carry, IN_GRADS=in_grads, num_warps=LAUNCH["fast_output_warps"], num_stages=1, **_register_cap("fast_output"),
             )
     bv = _block_v(dv)
     work = _slow_chunks(flags) if work is None else work
     chunk_fwd_output_kernel[(dv // bv, _slow_programs(total, heads))](
-        q, k, v, b, flags, key_max, h, h_add, h_decay, o, q_max, table, cu, work, scale,
+        q, k, v, b, flags, key_max, h, h_add, h_decay, o, q_max, table, cu, work, scale, spill,
         heads, *order, *_layout(q), *_layout(v), DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BV=bv, DT=tl.float32,
-        DIAG_LIMIT=LAUNCH["diag_limit"], HAS_HADD=has_h_add, num_warps=LAUNCH["output_warps"], num_stages=1,
+        DIAG_LIMIT=LAUNCH["diag_limit"], HAS_HADD=has_h_add, IN_GRADS=in_grads, num_warps=LAUNCH["output_warps"], num_stages=1,
     )
     return o, q_max
 
@@ -447,8 +512,8 @@ def _bwd_main(
 ):
     """dq, dk, dv, dz, du ([T, H, D] each in its input's dtype) from h and dh (plus `h_carry`,
     `dh_carry`, see `_carried`), written into `out` (views the kernels write at `order`'s rows:
-    `_value_grads` and the gate arena's dz and du, `_gate_arena`). do: contiguous [T, H, dv].
-    `work`: as in `_fwd_output`."""
+    `_value_grads` or a `_GradArena`'s dq and dk, which must then be h's, and the gate arena's dz
+    and du, `_gate_arena`). do: contiguous [T, H, dv]. `work`: as in `_fwd_output`."""
     _, heads, dk = _dims(q)
     order = (heads, 0) if order is None else order
     dv = v.shape[-1]
@@ -458,7 +523,11 @@ def _bwd_main(
     dq, dk_, dv_, dz, du = out
     bk = min(dk, LAUNCH["fast_dqk_block_k"])
     gate_stride = _gate_grad_stride(dz, du)
+    grad_stride = _gate_grad_stride(dq, dk_)
     _check_key_block(bk, dk, "fast_dqk_block_k", over_b=gate_stride == 2)
+    h, spill, in_grads = _state_args(h)
+    if in_grads and (dq.data_ptr() != h.data_ptr() or grad_stride != 2 or bk != GATE_BLOCK.value):
+        raise ValueError("Triton ReGLA kernels: states in a gradient arena need that arena's dq and dk, and dq/dk key blocks of GATE_BLOCK")
     if not flags.is_contiguous():  # the kernels index it as [chunks, H] rows
         raise ValueError("Triton ReGLA kernels: the chunk flags must be contiguous")
     if _fast_limit() >= 0:
@@ -472,25 +541,27 @@ def _bwd_main(
             )
         chunk_bwd_dqk_fast_kernel[(dk // bk, total, heads)](
             q, k, v, z, u, b, flags, key_max, q_max, score_grad, h, h_add, h_decay, dh, dh_add, dh_decay, do,
-            dq, dk_, dz, du, table, cu, scale,
+            dq, dk_, dz, du, table, cu, scale, spill,
             heads, *order, *_layout(q), *_layout(v), *_layout(z), DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=min(dv, LAUNCH["fast_dqk_block_v"]), DT=dt,
-            HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, GS=gate_stride, num_warps=LAUNCH["fast_dqk_warps"], num_stages=LAUNCH["fast_dqk_stages"],
+            HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, GS=gate_stride, QS=grad_stride, IN_GRADS=in_grads,
+            num_warps=LAUNCH["fast_dqk_warps"], num_stages=LAUNCH["fast_dqk_stages"],
             **_register_cap("fast_dqk"),
         )
         del score_grad
     chunk_bwd_main_kernel[(_slow_programs(total, heads),)](
         q, k, v, z, u, b, flags, key_max, h, h_add, h_decay, dh, dh_add, dh_decay, do, dq, dk_, dv_, dz, du, table, cu,
-        _slow_chunks(flags) if work is None else work, scale,
+        _slow_chunks(flags) if work is None else work, scale, spill,
         heads, *order, *_layout(q), *_layout(v), *_layout(z), DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BV=_bwd_block_v(dv), DT=tl.float32,
-        DIAG_LIMIT=LAUNCH["diag_limit"], HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, GS=gate_stride, num_warps=LAUNCH["bwd_warps"],
+        DIAG_LIMIT=LAUNCH["diag_limit"], HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, GS=gate_stride, QS=grad_stride, IN_GRADS=in_grads,
+        num_warps=LAUNCH["bwd_warps"],
         num_stages=1,
     )
     return dq, dk_, dv_, dz, du
 
 
 def _gate_grad_stride(dz: torch.Tensor, du: torch.Tensor) -> int:
-    """The kernels' GS for these gate-gradient buffers ([rows, dk] views): 1 (contiguous rows
-    each) or 2 (a 16-bit `_gate_arena` over b: rows of dz and du alternate)."""
+    """The kernels' GS (QS) for these gate-gradient (dq and dk) buffers ([rows, dk] views): 1
+    (contiguous rows each) or 2 (a 16-bit `_gate_arena` over b, a `_GradArena`: rows alternate)."""
     dk = dz.shape[-1]
     if dz.stride(-2) == du.stride(-2) == dk:
         return 1
@@ -528,15 +599,15 @@ def _output_grad(do, like_rows: int, like: torch.Tensor) -> torch.Tensor:
     return do.contiguous()
 
 
-def _forward(q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, starts=None):
+def _forward(q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, starts=None, into=None):
     """The forward stages of both Functions: o (rows in `_row_order`), the final states, and what
     a backward may keep or derive from: the gate arena (b, dz, du: `_gate_arena`), flags, key max,
-    h, query max and the sub-chunk work list. `starts`: as in `_fwd_states`."""
+    h, query max and the sub-chunk work list. `starts`, `into`: as in `_fwd_states`."""
     order = _row_order(q.shape[0], q.shape[1], q.shape[2], minor)
     work = _work_list(chunks=total, heads=q.shape[2], device=q.device)
     arena = _gate_arena(*_dims(z), z.dtype, z.device)
     b, _, flags, key_max = _gates(z, u, k, cu, table, total, key_max, order=order, work=work, b=arena[0])
-    h, ht = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, True, order=order, starts=starts)
+    h, ht = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, True, order=order, starts=starts, into=into)
     o, q_max = _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, order=order, work=work)
     return o, ht, arena, flags, key_max, h, q_max, work
 
@@ -553,54 +624,118 @@ def _kept_arena(ctx, arena, z, u, k, key_max, cu, table, total, order=None):
     return fresh
 
 
+def _grad_rows(x: torch.Tensor) -> torch.Tensor:
+    """A fresh gradient of x as the kernels write it ([T, H, D] in x's dtype)."""
+    return _empty(_dims(x)[0], x.shape[-2], x.shape[-1], device=x.device, dtype=x.dtype)
+
+
 def _value_grads(q, k, v):
     """Fresh dq, dk, dv ([T, H, D] each in its input's dtype; the gate gradients live in the arena)."""
-    return tuple(_empty(_dims(x)[0], x.shape[-2], x.shape[-1], device=x.device, dtype=x.dtype) for x in (q, k, v))
+    return tuple(_grad_rows(x) for x in (q, k, v))
+
+
+def _spilled_sequences(cu: torch.Tensor, length: Optional[int]) -> int:
+    """Sequences a `_GradArena` keeps spill room for: all of them where any has a last, shorter
+    chunk (`length`: that of B equal sequences, None for packed ones, read from cu on the host)."""
+    if length is not None:
+        return 0 if length % CHUNK_SIZE == 0 else cu.numel() - 1
+    lengths = cu[1:] - cu[:-1]
+    return cu.numel() - 1 if bool((lengths % CHUNK_SIZE != 0).any()) else 0
+
+
+def _arena_spill(q, v, cu, length: Optional[int]) -> Optional[int]:
+    """The spilled sequences of a `_GradArena` for these inputs (`_spilled_sequences`), or None
+    where h does not fit one (`_states_fit_grads`). The spill (one state per sequence) is never
+    larger than the h it replaces (one per chunk)."""
+    if not _states_fit_grads(q.shape[-1], v.shape[-1], q.dtype):
+        return None
+    return _spilled_sequences(cu, length)
+
+
+def _states_arena(q, v, cu, length: Optional[int]) -> Optional[_GradArena]:
+    """A `_GradArena` for q's and v's shapes where h fits one (`_arena_spill`), else None."""
+    spilled = _arena_spill(q, v, cu, length)
+    if spilled is None:
+        return None
+    tokens, heads, dk = _dims(q)
+    return _grad_arena(tokens, heads, dk, v.shape[-1], spilled, q.dtype, q.device)
+
+
+def _kept_states(ctx, buffer, q, k, v, b, key_max, h0, cu, offsets, total, order):
+    """(h, dq, dk) of a backward: h in the `_GradArena` the forward kept (`buffer`), whose h the
+    first backward overwrites; a second backward through the same graph (retain_graph) gets a new
+    arena with h computed again. Without a kept arena: h in a buffer of its own, computed here,
+    and fresh dq, dk."""
+    tokens, heads, dk = _dims(q)
+    if buffer is not None and not getattr(ctx, "states_spent", False):
+        ctx.states_spent = True
+        arena = _grad_arena_of(buffer, tokens, heads, dk)
+        return arena, arena.dq, arena.dk
+    into = None if buffer is None else _grad_arena_of(torch.empty_like(buffer), tokens, heads, dk)
+    h, _ = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, False, order=order, into=into)
+    if into is not None:
+        return into, into.dq, into.dk
+    return h, _grad_rows(q), _grad_rows(k)
 
 
 class _ChunkReGLATriton(torch.autograd.Function):
     """q, k, v, z, u [B, T, H, D]; o as [B * T, H, dv] in `_row_order` (Megatron's [s, b] order
-    when `minor`), the input gradients as [B, T, H, D] views of that order."""
+    when `minor`), the input gradients as [B, T, H, D] views of that order. The forward keeps b
+    (`_gate_arena`) and h (`_GradArena`; `length`: the sequences' length, None with packed ones,
+    for its spill) for the backward, which needs no state pass but the state gradients'."""
 
     @staticmethod
-    def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor):
-        o, ht, arena, flags, key_max, h, q_max, work = _forward(q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor)
-        del h  # recomputed in the backward, which walks the same work list
+    def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, length):
+        into = _states_arena(q, v, cu, length)
+        o, ht, arena, flags, key_max, h, q_max, work = _forward(
+            q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, into=into,
+        )
+        del h  # kept in the gradient arena (`into`), else recomputed in the backward
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(q, k, v, z, u, *arena, flags, key_max, q_max, h0, cu, offsets, table, work)
+        ctx.save_for_backward(q, k, v, z, u, *arena, flags, key_max, q_max, h0, cu, offsets, table, work, *_buffer_of(into))
         ctx.scale, ctx.total, ctx.minor = scale, total, minor
         ctx.h0_dtype = None if h0 is None else h0.dtype
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, z, u, b, dz, du, flags, key_max, q_max, h0, cu, offsets, table, work = ctx.saved_tensors
+        q, k, v, z, u, b, dz, du, flags, key_max, q_max, h0, cu, offsets, table, work, states = ctx.saved_tensors
         scale, total = ctx.scale, ctx.total
         order = _row_order(q.shape[0], q.shape[1], q.shape[2], ctx.minor)
         b, dz, du = _kept_arena(ctx, (b, dz, du), z, u, k, key_max, cu, table, total, order)
         do = _output_grad(do, q.shape[0] * q.shape[1], v)
         dht = None if dht is None else dht.float().contiguous()
-        h, _ = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, False, order=order)
+        h, dq, dk = _kept_states(ctx, states, q, k, v, b, key_max, h0, cu, offsets, total, order)
         dh, dh0 = _bwd_dstates(q, q_max, b, do, dht, cu, offsets, scale, total, v.shape[-1], order=order)
         grads = _bwd_main(
             q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total, order=order, work=work,
-            out=(*_value_grads(q, k, v), dz, du),
+            out=(dq, dk, _grad_rows(v), dz, du),
         )
         grads = [_from_rows(g, q.shape[0], q.shape[1], ctx.minor) for g in grads]
         dinit = None if h0 is None else dh0.to(ctx.h0_dtype)
-        return (*grads, None, None, dinit, None, None, None, None, None)
+        return (*grads, None, None, dinit, None, None, None, None, None, None)
 
 
-def _window_bytes(windows: int, batch: int, chunks: int, heads: int, dk: int, dv: int, dtype: torch.dtype) -> int:
-    """What the low-memory backward holds beyond its outputs with `windows` windows: h, dh and the
-    score gradients of one window, and the start states of the later windows (b lives in the gate
-    gradients' buffer, `_gate_arena`, which the outputs count)."""
+def _buffer_of(arena: Optional[_GradArena]) -> Tuple[Optional[torch.Tensor]]:
+    """(the buffer of a `_GradArena`, or None) for save_for_backward."""
+    return (None if arena is None else arena.buffer,)
+
+
+def _window_bytes(
+    windows: int, batch: int, chunks: int, heads: int, dk: int, dv: int, dtype: torch.dtype, in_grads: bool = False, starts: bool = True,
+) -> int:
+    """What the low-memory backward holds beyond its outputs with `windows` windows: dh, the score
+    gradients and (unless `in_grads`: in the gradient arena, `_GradArena`) h of one window, and
+    with `starts` the start states of the later windows (b lives in the gate gradients' buffer,
+    `_gate_arena`, which the outputs count, as they count the gradient arena)."""
     state = torch.empty((), dtype=_state_dtype(dtype)).element_size()
-    per_chunk = CHUNK_SIZE * CHUNK_SIZE * state + 2 * dk * dv * state
-    return batch * heads * (-(-chunks // windows) * per_chunk + (windows - 1) * dk * dv * state)
+    per_chunk = CHUNK_SIZE * CHUNK_SIZE * state + (1 if in_grads else 2) * dk * dv * state
+    return batch * heads * (-(-chunks // windows) * per_chunk + starts * (windows - 1) * dk * dv * state)
 
 
-def _window_chunks(batch: int, chunks: int, heads: int, dk: int, dv: int, dtype: torch.dtype, tokens: int) -> int:
+def _window_chunks(
+    batch: int, chunks: int, heads: int, dk: int, dv: int, dtype: torch.dtype, tokens: int, in_grads: bool = False, starts: bool = True,
+) -> int:
     """Chunks per window of the low-memory backward: LAUNCH["backward_windows"] windows (at most
     one per chunk), or with 0 the fewest (up to 16) whose `_window_bytes` are within
     LAUNCH["window_memory_fraction"] of the outputs (o and the five input gradients of `tokens`
@@ -610,7 +745,7 @@ def _window_chunks(batch: int, chunks: int, heads: int, dk: int, dv: int, dtype:
     element = torch.empty((), dtype=dtype).element_size()
     outputs = tokens * heads * (4 * dk + 2 * dv) * element
     counts = range(1, min(16, chunks) + 1)
-    cost = {w: _window_bytes(w, batch, chunks, heads, dk, dv, dtype) for w in counts}
+    cost = {w: _window_bytes(w, batch, chunks, heads, dk, dv, dtype, in_grads, starts) for w in counts}
     within = [w for w in counts if cost[w] <= LAUNCH["window_memory_fraction"] * outputs]
     windows = within[0] if within else min(counts, key=cost.get)
     return -(-chunks // windows)
@@ -624,13 +759,13 @@ def _window_order(batch: int, length: int, window: int, heads: int, minor: bool)
     return row_t, row_n + (length - window) * row_t
 
 
-def _keep_for_windows(ctx, q, k, v, z, u, arena, flags, key_max, q_max, h0, starts, keep_gates):
-    """What both windowed Functions save for their backward (no h: the window start states
-    instead; with keep_gates the gate arena and flags, else neither), and the initial state's
-    dtype for its gradient."""
+def _keep_for_windows(ctx, q, k, v, z, u, arena, flags, key_max, q_max, h0, starts, keep_gates, states=None):
+    """What both windowed Functions save for their backward (h in the gradient arena `states`
+    where the forward kept it, else the window start states; with keep_gates the gate arena and
+    flags, else neither), and the initial state's dtype for its gradient."""
     ctx.set_materialize_grads(False)
     kept = (*arena, flags) if keep_gates else (None,) * 4
-    ctx.save_for_backward(q, k, v, z, u, *kept, key_max, q_max, h0, starts)
+    ctx.save_for_backward(q, k, v, z, u, *kept, key_max, q_max, h0, starts, *_buffer_of(states))
     ctx.h0_dtype = None if h0 is None else h0.dtype
 
 
@@ -650,39 +785,56 @@ def _window_rows(tensors, first_row: int):
 
 class _ChunkReGLATritonWindowed(torch.autograd.Function):
     """`_ChunkReGLATriton` with a backward over time windows (the same window of every sequence,
-    last to first), for memory: the chunk-start states h, their gradients dh and the score
-    gradients exist for one window at a time. The forward keeps each window's start state (h at
-    that chunk, as the forward stored it), and with keep_gates b in the gate gradients' buffer
-    (`_gate_arena`, as the one-pass Function does); without, b is computed again per window, into
-    that window's rows of the buffer, and the forward keeps no gate tensor. Each window's state
-    pass starts from its start state, its state-gradient pass from the gradient the later window
-    handed back; the state passes keep all sequences and heads in parallel, so the cost is more
-    launches (and the gates again)."""
+    last to first), for memory: the state gradients dh and the score gradients (and h where it
+    has no room in the gradient arena, `_GradArena`) exist for one window at a time. With
+    keep_gates the forward keeps b in the gate gradients' buffer (`_gate_arena`) and h in the
+    gradient arena where it fits (as the one-pass Function does); without, b and h are computed
+    again per window, into that window's rows of those buffers, from each window's start state
+    that the forward keeps, and the forward keeps no gate or state tensor. Each window's
+    state-gradient pass starts from the gradient the later window handed back; the state passes
+    keep all sequences and heads in parallel, so the cost is more launches (and the gates and
+    states again)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, window_chunks, keep_gates):
+    def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, window_chunks, keep_gates, length):
         batch, heads, dk, dv = q.shape[0], q.shape[2], q.shape[3], v.shape[-1]
         windows = -(-(total // batch) // window_chunks)
-        starts = _empty(windows - 1, batch, heads, dk, dv, device=q.device, dtype=_state_dtype(q.dtype))
+        ctx.spill = _arena_spill(q, v, cu, length)
+        kept = _states_arena(q, v, cu, length) if keep_gates else None
+        starts = None
+        if kept is None:
+            starts = _empty(windows - 1, batch, heads, dk, dv, device=q.device, dtype=_state_dtype(q.dtype))
         o, ht, arena, flags, key_max, h, q_max, _ = _forward(
-            q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, starts=(starts, window_chunks),
+            q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor,
+            starts=None if starts is None else (starts, window_chunks), into=kept,
         )
         del h
-        _keep_for_windows(ctx, q, k, v, z, u, arena, flags, key_max, q_max, h0, starts, keep_gates)
+        _keep_for_windows(ctx, q, k, v, z, u, arena, flags, key_max, q_max, h0, starts, keep_gates, kept)
         ctx.scale, ctx.minor, ctx.window = scale, minor, window_chunks * CHUNK_SIZE
-        ctx.tables = (cu, table, total)
+        ctx.tables = (cu, offsets, table, total)
+        ctx.windows = windows
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, z, u, b, dz, du, flags, key_max, q_max, h0, starts = ctx.saved_tensors
-        batch, length, heads, _ = q.shape
-        row_t = _row_order(batch, length, heads, ctx.minor)[0]
-        arena = _window_arena(ctx, (b, dz, du), z, u, k, key_max, *ctx.tables, _row_order(batch, length, heads, ctx.minor))
+        q, k, v, z, u, b, dz, du, flags, key_max, q_max, h0, starts, states = ctx.saved_tensors
+        batch, length, heads, dk = q.shape
+        cu, offsets, table, total = ctx.tables
+        order = _row_order(batch, length, heads, ctx.minor)
+        row_t = order[0]
+        arena = _window_arena(ctx, (b, dz, du), z, u, k, key_max, cu, table, total, order)
         do = _output_grad(do, batch * length, v)
-        grads = [*_value_grads(q, k, v), *arena[1:]]
+        states_kept = states is not None
+        if states_kept:  # the forward's h (or, in a second backward, h computed again whole)
+            grad_arena, dq, dk_ = _kept_states(ctx, states, q, k, v, arena[0], key_max, h0, cu, offsets, total, order)
+        elif ctx.spill is not None:  # each window computes its h into its rows of a new arena
+            grad_arena = _grad_arena(batch * length, heads, dk, v.shape[-1], ctx.spill, q.dtype, q.device)
+            dq, dk_ = grad_arena.dq, grad_arena.dk
+        else:
+            grad_arena, dq, dk_ = None, _grad_rows(q), _grad_rows(k)
+        grads = [dq, dk_, _grad_rows(v), *arena[1:]]
         dstate = None if dht is None else dht.float().contiguous()
-        windows, window_chunks = starts.shape[0] + 1, ctx.window // CHUNK_SIZE
+        windows, window_chunks = ctx.windows, ctx.window // CHUNK_SIZE
         for index in reversed(range(windows)):
             first, window = index * ctx.window, min(ctx.window, length - index * ctx.window)
             last = first + window == length  # its dht is autograd's (or None), the others' our own buffer
@@ -691,13 +843,14 @@ class _ChunkReGLATritonWindowed(torch.autograd.Function):
             dstate = _window_backward(
                 [x[:, first : first + window] for x in (q, k, v, z, u)],
                 _window_rows((do, q_max.unsqueeze(-1), arena[0], *grads), first * row_t),
-                key_max, h0 if index == 0 else starts[index - 1], dstate, ctx.scale, _regular_tables(batch, window, q.device),
-                _window_order(batch, length, window, heads, ctx.minor), window_flags,
+                key_max, h0 if index == 0 or states_kept else starts[index - 1], dstate, ctx.scale,
+                _regular_tables(batch, window, q.device), _window_order(batch, length, window, heads, ctx.minor), window_flags,
                 dh_start=dstate if not last and dstate is not None else None,
+                states=None if grad_arena is None else grad_arena.from_row(first * row_t), states_kept=states_kept,
             )
         grads = [_from_rows(g, batch, length, ctx.minor) for g in grads]
         dinit = None if h0 is None else dstate.to(ctx.h0_dtype)
-        return (*grads, None, None, dinit, None, None, None, None, None, None, None)
+        return (*grads, None, None, dinit, None, None, None, None, None, None, None, None)
 
 
 class _PackedWindow:
@@ -757,7 +910,7 @@ class _ChunkReGLATritonPackedWindowed(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, z, u, b, dz, du, flags, key_max, q_max, h0, starts = ctx.saved_tensors
+        q, k, v, z, u, b, dz, du, flags, key_max, q_max, h0, starts, _ = ctx.saved_tensors
         _, length, heads, dk = q.shape
         dv, sequences = v.shape[-1], key_max.shape[0]
         arena = _window_arena(ctx, (b, dz, du), z, u, k, key_max, *ctx.tables)
@@ -792,7 +945,7 @@ class _ChunkReGLATritonPackedWindowed(torch.autograd.Function):
         return (*grads, None, None, dinit, None, None, None, None, None, None, None)
 
 
-def _window_backward(inputs, rows, key_max, start_state, dht, scale, tables, order, flags, dh_start=None):
+def _window_backward(inputs, rows, key_max, start_state, dht, scale, tables, order, flags, dh_start=None, states=None, states_kept=False):
     """One window of a low-memory backward: the gradients of its tokens written into the whole
     gradient tensors. inputs: q, k, v, z, u of the window ([B, W, H, D] views); rows: do, the query
     max, b and the five gradients as flat views from the window's first row (`_window_rows`);
@@ -802,7 +955,9 @@ def _window_backward(inputs, rows, key_max, start_state, dht, scale, tables, ord
     here, into the window's rows of b (the gate arena), and the flags with it. Returns the state gradient
     at each sequence's start in the window (fp32 [N, H, dk, dv]), written into `dh_start` when
     given (which may be dht itself: each state-pass program reads its block of dht before it
-    writes that block)."""
+    writes that block). `states`: the gradient arena (`_GradArena`, pointers at the window's first
+    row) whose dq and dk are the rows' and that holds the window's h (`states_kept`) or receives it
+    here; None: h in a buffer of its own, computed here."""
     q, k, v, z, u = inputs
     do, q_max, b, *grads = rows
     cu, offsets, table, total = tables
@@ -811,7 +966,9 @@ def _window_backward(inputs, rows, key_max, start_state, dht, scale, tables, ord
         _, _, flags, _ = _gates(z, u, k, cu, table, total, key_max, order=order, work=work, b=b)
     else:
         work = _slow_chunks(flags)
-    h, _ = _fwd_states(k, v, b, key_max, start_state, cu, offsets, total, False, order=order)
+    h = states
+    if not states_kept:
+        h, _ = _fwd_states(k, v, b, key_max, start_state, cu, offsets, total, False, order=order, into=states)
     dh, dh_start = _bwd_dstates(q, q_max, b, do, dht, cu, offsets, scale, total, v.shape[-1], order=order, dh0=dh_start)
     _bwd_main(
         q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total, order=order, out=tuple(grads), work=work,
@@ -883,8 +1040,9 @@ def chunk_regla_triton(
     """Backend function of `chunk_regla` (see chunk.py for the contract).
 
     low_memory: True or "backward": the backward over time windows (`_ChunkReGLATritonWindowed`,
-    with cu_seqlens `_ChunkReGLATritonPackedWindowed`), never as segments; "backward" keeps b
-    from the forward (its saved tensors are the one-pass Function's), True computes it again.
+    with cu_seqlens `_ChunkReGLATritonPackedWindowed`, which keeps h per window in a buffer of
+    its own), never as segments; "backward" keeps b and h from the forward (its saved tensors are
+    the one-pass Function's), True computes them again.
 
     Returns o [B, T, H, dv] in q's dtype and the final state [N, H, dk, dv] in fp32 (None
     when output_final_state is False and the sequences went as segments, see
@@ -917,10 +1075,13 @@ def chunk_regla_triton(
         windows = _packed_windows(cu, offsets, total, _window_chunks(1, total, heads, dk, dv, dtype, length))
         o, state = _ChunkReGLATritonPackedWindowed.apply(*args, windows, keep_gates)
     elif low_memory and total > 0:
-        window_chunks = _window_chunks(batch, total // batch, heads, dk, dv, dtype, batch * length)
-        o, state = _ChunkReGLATritonWindowed.apply(*args, window_chunks, keep_gates)
+        in_grads = _arena_spill(q, v, cu, length) is not None
+        window_chunks = _window_chunks(
+            batch, total // batch, heads, dk, dv, dtype, batch * length, in_grads, starts=not (in_grads and keep_gates),
+        )
+        o, state = _ChunkReGLATritonWindowed.apply(*args, window_chunks, keep_gates, length)
     else:
-        o, state = _ChunkReGLATriton.apply(*args)
+        o, state = _ChunkReGLATriton.apply(*args, None if cu_seqlens is not None else length)
     return _from_rows(o, batch, length, minor), state
 
 

@@ -36,6 +36,8 @@ from .triton_stages import (
     load_query_features_cols,
     load_state,
     load_value_rows,
+    state_offsets,
+    state_tile,
     store_gate_grads,
 )
 
@@ -94,8 +96,8 @@ def load_carried_state(add_ptr, n, head, H, rk, rv, DK: tl.constexpr, DV: tl.con
 @triton.jit
 def chunk_fwd_output_fast_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, flag_ptr, kmax_ptr, h_ptr, hadd_ptr, hdecay_ptr, reach_ptr, o_ptr, qmax_ptr, table_ptr, cu_ptr,
-    scale, H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-    DT: tl.constexpr, CARRY: tl.constexpr,
+    scale, spill, H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+    DT: tl.constexpr, CARRY: tl.constexpr, IN_GRADS: tl.constexpr,
 ):
     """o = scale * (tril(Q~ K~^T) v + Q~ (exp(b_r) h)) for one safe chunk, one head, BV value
     columns at a time (CARRY: see `carry_launch_takes`; 2 adds the carried state's product);
@@ -121,7 +123,8 @@ def chunk_fwd_output_fast_kernel(
         for iv in range(DV // BV):
             rv = iv * BV + tl.arange(0, BV)
             v = tl.load(v_ptr + vrows[:, None] + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
-            h = load_state(h_ptr, ic, n, head, H, rk, rv, DK, DV, hadd_ptr, hdecay_ptr, False)
+            h_at = state_offsets(ic, n, head, H, rk, rv, start, eos, R_T, R_N, spill, DK, DV, C, BV, IN_GRADS)
+            h = load_state(h_ptr, h_at, ic, n, head, H, rk, rv, DK, DV, hadd_ptr, hdecay_ptr, False)
             o = tl.dot(A, v) + tl.dot(q_t, (h * decay_ref[:, None]).to(DT))
             if HAS_HADD:
                 o += tl.dot(q_carry, load_carried_state(hadd_ptr, n, head, H, rk, rv, DK, DV).to(DT))
@@ -160,7 +163,7 @@ def chunk_bwd_dv_fast_kernel(
         for iv in range(DV // BV):
             rv = iv * BV + tl.arange(0, BV)
             v, do = load_value_rows(v_ptr, do_ptr, vrows, rows, mask, rv, DV, DT)
-            dh = load_state(dh_ptr, ic, n, head, H, rk, rv, DK, DV, dhadd_ptr, dhdecay_ptr, False).to(DT)
+            dh = load_state(dh_ptr, state_tile(ic, head, H, rk, rv, DK, DV), ic, n, head, H, rk, rv, DK, DV, dhadd_ptr, dhdecay_ptr, False).to(DT)
             dv = tl.dot(At, do) + tl.dot(k_end, dh)
             if HAS_DHADD:
                 dv += tl.dot(k_carry, load_carried_state(dhadd_ptr, n, head, H, rk, rv, DK, DV).to(DT))
@@ -173,14 +176,16 @@ def chunk_bwd_dv_fast_kernel(
 @triton.jit
 def chunk_bwd_dqk_fast_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, u_ptr, b_ptr, flag_ptr, kmax_ptr, qmax_ptr, da_ptr, h_ptr, hadd_ptr, hdecay_ptr,
-    dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dq_ptr, dk_ptr, dz_ptr, du_ptr, table_ptr, cu_ptr, scale,
+    dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dq_ptr, dk_ptr, dz_ptr, du_ptr, table_ptr, cu_ptr, scale, spill,
     H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, Z_T, Z_N, Z_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, HAS_HADD: tl.constexpr, HAS_DHADD: tl.constexpr,
-    GS: tl.constexpr,
+    GS: tl.constexpr, QS: tl.constexpr, IN_GRADS: tl.constexpr,
 ):
     """dq, dk and both gate-logit gradients of one safe chunk, one head, BK key features
     (every one of them is separable over the key features once dA is known: it is read from
-    `chunk_bwd_dv_fast_kernel`'s output)."""
+    `chunk_bwd_dv_fast_kernel`'s output). QS: the row stride of dq and dk in rows of DK, 1 or 2
+    (the gradient arena; with IN_GRADS h lies in it, `state_offsets`, and BK must be GATE_BLOCK:
+    the program then writes over no h but what it read)."""
     ik = tl.program_id(0)
     ic = tl.program_id(1)
     head = tl.program_id(2)
@@ -207,8 +212,9 @@ def chunk_bwd_dqk_fast_kernel(
         for iv in range(DV // BV):
             rv = iv * BV + tl.arange(0, BV)
             v, do = load_value_rows(v_ptr, do_ptr, vrows, rows, mask, rv, DV, DT)
-            h = load_state(h_ptr, ic, n, head, H, rk, rv, DK, DV, hadd_ptr, hdecay_ptr, HAS_HADD)
-            dh = load_state(dh_ptr, ic, n, head, H, rk, rv, DK, DV, dhadd_ptr, dhdecay_ptr, HAS_DHADD)
+            h_at = state_offsets(ic, n, head, H, rk, rv, start, eos, R_T, R_N, spill, DK, DV, C, BV, IN_GRADS)
+            h = load_state(h_ptr, h_at, ic, n, head, H, rk, rv, DK, DV, hadd_ptr, hdecay_ptr, HAS_HADD)
+            dh = load_state(dh_ptr, state_tile(ic, head, H, rk, rv, DK, DV), ic, n, head, H, rk, rv, DK, DV, dhadd_ptr, dhdecay_ptr, HAS_DHADD)
             if CARRIED:
                 dq_state += tl.dot(do, tl.trans((h * decay_ref[:, None]).to(DT)))
                 dk_state += tl.dot(v, tl.trans(dh.to(DT)))
@@ -228,10 +234,12 @@ def chunk_bwd_dqk_fast_kernel(
             dq = q_t.to(tl.float32) * (dq_state * scale + tl.dot(dA, k_t))
         else:
             dq = q_t.to(tl.float32) * tl.dot(dA, k_t, dq_state * (tl.exp(b_ref) * scale)[None, :])
-        tl.store(dq_ptr + rows[:, None] * DK + cols, dq.to(dq_ptr.dtype.element_ty), mask=mask[:, None])
+        if IN_GRADS:
+            tl.debug_barrier()  # every thread's reads of h before dq and dk overwrite it
+        tl.store(dq_ptr + rows[:, None] * (QS * DK) + cols, dq.to(dq_ptr.dtype.element_ty), mask=mask[:, None])
         dk_scores = k_t.to(tl.float32) * tl.dot(tl.trans(dA), q_t)
         dk_end = k_t32 * tl.exp(b_end - b_ref)[None, :] * dk_state  # phi_k exp(b_end - b) dk_state
-        tl.store(dk_ptr + rows[:, None] * DK + cols, (dk_scores + dk_end).to(dk_ptr.dtype.element_ty), mask=mask[:, None])
+        tl.store(dk_ptr + rows[:, None] * (QS * DK) + cols, (dk_scores + dk_end).to(dk_ptr.dtype.element_ty), mask=mask[:, None])
 
         zrows = input_rows(start + rc, n, head, Z_T, Z_N, Z_H)
         store_gate_grads(dq - dk_scores, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, zrows, rows, mask, rk, DK, GS)

@@ -250,13 +250,52 @@ def chunk_location(table_ptr, cu_ptr, ic, C: tl.constexpr):
 
 
 @triton.jit
-def load_state(
-    ptr, ic, n, head, H, rk, rv, DK: tl.constexpr, DV: tl.constexpr, add_ptr, decay_ptr, HAS_ADD: tl.constexpr,
+def state_tile(ic, head, H, rk, rv, DK: tl.constexpr, DV: tl.constexpr):
+    """Element offsets [len(rk), len(rv)] of block (rk, rv) of chunk ic's state in a buffer of its
+    own ([chunks, H, DK, DV]: the state gradients, and the states where `state_offsets` says so)."""
+    return (ic.to(tl.int64) * H + head) * DK * DV + rk[:, None] * DV + rv[None, :]
+
+
+@triton.jit
+def state_offsets(
+    ic, n, head, H, rk, rv, start, eos, R_T, R_N, spill, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+    BV: tl.constexpr, IN_GRADS: tl.constexpr,
 ):
-    """Block [len(rk), len(rv)] (fp32) of chunk ic's stored state (or state gradient); with HAS_ADD
-    plus exp(decay[ic, head, rk]) * add[n, head, rk, rv]: a state entering sequence n from
-    outside, carried to this chunk (context parallelism: the sequence is one segment)."""
-    x = tl.load(ptr + (ic.to(tl.int64) * H + head) * DK * DV + rk[:, None] * DV + rv[None, :]).to(tl.float32)
+    """Element offsets [len(rk), len(rv)] of block (rk, rv) of chunk ic's start state h (chunk of
+    sequence n from token `start`; BV = len(rv), a run of whole multiples of it). Without IN_GRADS
+    h has a buffer of its own (`state_tile`). With IN_GRADS h lies in the gradient arena of dq and
+    dk (`triton_chunk._GradArena`: a row of 2 DK per token and head, dq's then dk's): the
+    GATE_BLOCK key rows ik of a whole chunk's h take the bytes of that chunk's dq and dk columns of
+    key block ik (2 GATE_BLOCK per token: one h row per token at DV = 2 GATE_BLOCK, two at DV =
+    GATE_BLOCK), so the dq/dk program of key block ik writes over no h but what it read. The
+    last, shorter chunk of a sequence has too few rows: its h lies at `spill` + its sequence's
+    [H, DK, DV] block instead."""
+    if IN_GRADS:
+        PER_TOKEN: tl.constexpr = 2 * GATE_BLOCK // DV
+        local = rk % GATE_BLOCK
+        row0 = token_rows(start, n, head, R_T, R_N)
+        rpart = (row0 + (local // PER_TOKEN) * R_T) * (2 * DK) + (local % PER_TOKEN) * DK + rk // GATE_BLOCK * GATE_BLOCK
+        cpart = rv // GATE_BLOCK * DK + rv % GATE_BLOCK
+        if BV < GATE_BLOCK:
+            cpart = tl.max_contiguous(tl.multiple_of(cpart, BV), BV)
+        else:
+            cpart = tl.max_contiguous(tl.multiple_of(cpart, GATE_BLOCK), GATE_BLOCK)
+        spilled = spill + (n.to(tl.int64) * H + head) * DK * DV + rk[:, None] * DV + rv[None, :]
+        offsets = tl.where(start + C <= eos, rpart[:, None] + cpart[None, :], spilled)
+    else:
+        offsets = state_tile(ic, head, H, rk, rv, DK, DV)
+    return offsets
+
+
+@triton.jit
+def load_state(
+    ptr, offsets, ic, n, head, H, rk, rv, DK: tl.constexpr, DV: tl.constexpr, add_ptr, decay_ptr, HAS_ADD: tl.constexpr,
+):
+    """Block [len(rk), len(rv)] (fp32) of chunk ic's stored state (or state gradient) at `offsets`
+    (`state_offsets`, `state_tile`); with HAS_ADD plus exp(decay[ic, head, rk]) * add[n, head, rk, rv]:
+    a state entering sequence n from outside, carried to this chunk (context parallelism: the
+    sequence is one segment)."""
+    x = tl.load(ptr + offsets).to(tl.float32)
     if HAS_ADD:
         decay = tl.load(decay_ptr + (ic.to(tl.int64) * H + head) * DK + rk)
         x += tl.exp(decay)[:, None] * tl.load(add_ptr + (n * H + head) * DK * DV + rk[:, None] * DV + rv[None, :])
@@ -387,14 +426,15 @@ def work_item(work_ptr, w, H):
 
 @triton.jit
 def chunk_fwd_states_kernel(
-    k_ptr, v_ptr, b_ptr, kmax_ptr, h0_ptr, h_ptr, ht_ptr, starts_ptr, cu_ptr, choff_ptr, every, N,
+    k_ptr, v_ptr, b_ptr, kmax_ptr, h0_ptr, h_ptr, ht_ptr, starts_ptr, cu_ptr, choff_ptr, every, N, spill,
     H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, DT: tl.constexpr, STARTS: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, DT: tl.constexpr, STARTS: tl.constexpr, IN_GRADS: tl.constexpr,
 ):
     """Sequential over chunks, one (BK x BV) block of the state: h[chunk] = state at the chunk
     start; with STORE_HT the final state ht (fp32). With STARTS also a second copy of the state at
     every `every`-th chunk of each sequence but its first, starts[j - 1, n] (h's dtype,
-    [windows - 1, N, H, dk, dv]) at chunk j * every: the low-memory backward's window starts."""
+    [windows - 1, N, H, dk, dv]) at chunk j * every: the low-memory backward's window starts.
+    h where `state_offsets` puts it (spill, IN_GRADS)."""
     ik = tl.program_id(0) // (DV // BV)
     iv = tl.program_id(0) % (DV // BV)
     nh = tl.program_id(1)
@@ -412,7 +452,8 @@ def chunk_fwd_states_kernel(
     if HAS_H0:
         state += tl.load(h0_ptr + nh.to(tl.int64) * DK * DV + tile).to(tl.float32)
     for c in range(tl.cdiv(eos - bos, C)):
-        tl.store(h_ptr + ((first + c) * H + head) * DK * DV + tile, state.to(h_ptr.dtype.element_ty))
+        h_at = state_offsets(first + c, n, head, H, rk, rv, bos + c * C, eos, R_T, R_N, spill, DK, DV, C, BV, IN_GRADS)
+        tl.store(h_ptr + h_at, state.to(h_ptr.dtype.element_ty))
         if STARTS:
             if (c > 0) & (c % every == 0):
                 tl.store(starts_ptr + ((c // every - 1) * N * H + nh) * DK * DV + tile, state.to(starts_ptr.dtype.element_ty))
@@ -432,8 +473,8 @@ def chunk_fwd_states_kernel(
 @triton.jit
 def chunk_fwd_output_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, flag_ptr, kmax_ptr, h_ptr, hadd_ptr, hdecay_ptr, o_ptr, qmax_ptr, table_ptr, cu_ptr, work_ptr,
-    scale, H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
-    BV: tl.constexpr, DT: tl.constexpr, DIAG_LIMIT: tl.constexpr, HAS_HADD: tl.constexpr,
+    scale, spill, H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
+    BV: tl.constexpr, DT: tl.constexpr, DIAG_LIMIT: tl.constexpr, HAS_HADD: tl.constexpr, IN_GRADS: tl.constexpr,
 ):
     """o = scale * (A v + (phi_q * exp(b)) h_start) for the chunks of the work list (flag 0,
     `slow_chunks_kernel`), BV value columns, the programs taking its entries in turn; rowmax q
@@ -451,7 +492,8 @@ def chunk_fwd_output_kernel(
             tl.store(qmax_ptr + rows, q_max, mask=mask)
         vrows = input_rows(start + tl.arange(0, C), n, head, V_T, V_N, V_H)
         v = tl.load(v_ptr + vrows[:, None] + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
-        h = load_state(h_ptr, ic, n, head, H, rk, rv, DK, DV, hadd_ptr, hdecay_ptr, HAS_HADD).to(DT)
+        h_at = state_offsets(ic, n, head, H, rk, rv, start, eos, R_T, R_N, spill, DK, DV, C, BV, IN_GRADS)
+        h = load_state(h_ptr, h_at, ic, n, head, H, rk, rv, DK, DV, hadd_ptr, hdecay_ptr, HAS_HADD).to(DT)
         o = tl.dot(A.to(DT), v) + tl.dot((phi_q * tl.exp(b)).to(DT), h)
         tl.store(o_ptr + rows[:, None] * DV + rv[None, :], (o * scale).to(o_ptr.dtype.element_ty), mask=mask[:, None])
 
@@ -498,16 +540,18 @@ def chunk_bwd_dstates_kernel(
 @triton.jit
 def chunk_bwd_main_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, u_ptr, b_ptr, flag_ptr, kmax_ptr, h_ptr, hadd_ptr, hdecay_ptr,
-    dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, dz_ptr, du_ptr, table_ptr, cu_ptr, work_ptr, scale,
+    dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, dz_ptr, du_ptr, table_ptr, cu_ptr, work_ptr, scale, spill,
     H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, Z_T, Z_N, Z_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
     S: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, DIAG_LIMIT: tl.constexpr, HAS_HADD: tl.constexpr,
-    HAS_DHADD: tl.constexpr, GS: tl.constexpr,
+    HAS_DHADD: tl.constexpr, GS: tl.constexpr, QS: tl.constexpr, IN_GRADS: tl.constexpr,
 ):
     """All input gradients of the chunks of the work list (flag 0, `slow_chunks_kernel`), one
-    (chunk, head) at a time per program, from h (state at the chunk start) and dh
+    (chunk, head) at a time per program, from h (state at the chunk start, `state_offsets`) and dh
     (gradient at the chunk end). The gate gradient uses the reverse-cumsum identity
     dlogF_t = sum_{t' >= t in chunk} (phi_q dQ - phi_k dK_scores)_{t'}
-              + sum_{s < t} k_end_s * (v_s dh^T) + exp(b_end) * rowsum(h * dh)."""
+              + sum_{s < t} k_end_s * (v_s dh^T) + exp(b_end) * rowsum(h * dh).
+    QS: the row stride of dq and dk in rows of DK, 1 or 2 (the gradient arena, IN_GRADS: h is
+    read in the first pass only, before dq and dk are written over it)."""
     NS: tl.constexpr = C // S
     for w in range(tl.program_id(0), tl.load(work_ptr), tl.num_programs(0)):
         ic, head = work_item(work_ptr, w, H)
@@ -524,14 +568,19 @@ def chunk_bwd_main_kernel(
         )
         At = tl.trans((A * scale).to(DT))
 
-        # pass 1 over value blocks: dA, the state part of dQ, dv
+        # pass 1 over value blocks: dA, the state part of dQ, dv, rowsum(h * dh) for the gate gradient
         dA = tl.zeros([C, C], dtype=tl.float32)
         dq_state = tl.zeros([C, DK], dtype=tl.float32)
+        g_h = tl.zeros([DK], dtype=tl.float32)
         for iv in range(DV // BV):
             rv = iv * BV + tl.arange(0, BV)
             v, do = load_value_rows(v_ptr, do_ptr, vrows, rows, mask, rv, DV, DT)
-            h = load_state(h_ptr, ic, n, head, H, rk, rv, DK, DV, hadd_ptr, hdecay_ptr, HAS_HADD).to(DT)
-            dh = load_state(dh_ptr, ic, n, head, H, rk, rv, DK, DV, dhadd_ptr, dhdecay_ptr, HAS_DHADD).to(DT)
+            h_at = state_offsets(ic, n, head, H, rk, rv, start, eos, R_T, R_N, spill, DK, DV, C, BV, IN_GRADS)
+            h32 = load_state(h_ptr, h_at, ic, n, head, H, rk, rv, DK, DV, hadd_ptr, hdecay_ptr, HAS_HADD)
+            dh32 = load_state(dh_ptr, state_tile(ic, head, H, rk, rv, DK, DV), ic, n, head, H, rk, rv, DK, DV, dhadd_ptr, dhdecay_ptr, HAS_DHADD)
+            g_h += tl.sum(h32 * dh32, axis=1)
+            h = h32.to(DT)
+            dh = dh32.to(DT)
             dA += tl.dot(do, tl.trans(v))
             dq_state += tl.dot(do, tl.trans(h))
             k_end = (phi_k * tl.exp(tl.minimum(b_end[None, :] - b, 0.0))).to(DT)
@@ -562,19 +611,18 @@ def chunk_bwd_main_kernel(
                 bj = tl.load(b_ptr + token_rows(src, n, head, R_T, R_N)[:, None] * DK + gate_slots(rk, DK)[None, :], mask=smask[:, None], other=0.0)
                 dAj = tl.sum(tl.where(rc[None, :] == col[:, None], dA, 0.0), axis=1)
                 dQ += tl.where(smask[:, None], dAj[:, None] * tl.exp(kj - key_max + tl.minimum(b - bj, 0.0)), 0.0)
-        tl.store(dq_ptr + rows[:, None] * DK + cols, (dQ * phi_q).to(dq_ptr.dtype.element_ty), mask=mask[:, None])
+        if IN_GRADS:
+            tl.debug_barrier()  # every thread's reads of h before dq and dk overwrite it
+        tl.store(dq_ptr + rows[:, None] * (QS * DK) + cols, (dQ * phi_q).to(dq_ptr.dtype.element_ty), mask=mask[:, None])
         D = phi_q * dQ
 
-        # pass 2 over value blocks: the state part of dK and rowsum(h * dh) for the gate gradient
+        # pass 2 over value blocks: the state part of dK
         dk_state = tl.zeros([C, DK], dtype=tl.float32)
-        g_h = tl.zeros([DK], dtype=tl.float32)
         for iv in range(DV // BV):
             rv = iv * BV + tl.arange(0, BV)
             v = tl.load(v_ptr + vrows[:, None] + rv[None, :], mask=mask[:, None], other=0.0).to(DT)
-            h = load_state(h_ptr, ic, n, head, H, rk, rv, DK, DV, hadd_ptr, hdecay_ptr, HAS_HADD)
-            dh = load_state(dh_ptr, ic, n, head, H, rk, rv, DK, DV, dhadd_ptr, dhdecay_ptr, HAS_DHADD)
+            dh = load_state(dh_ptr, state_tile(ic, head, H, rk, rv, DK, DV), ic, n, head, H, rk, rv, DK, DV, dhadd_ptr, dhdecay_ptr, HAS_DHADD)
             dk_state += tl.dot(v, tl.trans(dh.to(DT)))
-            g_h += tl.sum(h * dh, axis=1)
         dk_end = phi_k * tl.exp(tl.minimum(b_end[None, :] - b, 0.0)) * dk_state
 
         # dK (gradient w.r.t. phi_k): later sub-chunks by products, own sub-chunk elementwise
@@ -605,7 +653,7 @@ def chunk_bwd_main_kernel(
                 dAj = tl.sum(tl.where(rc[:, None] == row[None, :], dA, 0.0), axis=0)
                 dK += tl.where(smask[:, None], dAj[:, None] * tl.exp(qj + tl.minimum(bj - b, 0.0)), 0.0)
         dK = dK * phi_k
-        tl.store(dk_ptr + rows[:, None] * DK + cols, (dK + dk_end).to(dk_ptr.dtype.element_ty), mask=mask[:, None])
+        tl.store(dk_ptr + rows[:, None] * (QS * DK) + cols, (dK + dk_end).to(dk_ptr.dtype.element_ty), mask=mask[:, None])
         D -= dK
 
         zrows = input_rows(start + rc, n, head, Z_T, Z_N, Z_H)

@@ -74,10 +74,10 @@ REGLA_OPTIONS = (
            "Megatron's get_batch_on_this_cp_rank produces.", ("zigzag", "contiguous")),
     Option("cp-overlap-forward", _bool, "Under CP (Triton, zigzag): the forward state all-gather per "
            "segment, overlapped with the other segment's compute (off by default; for slow links)."),
-    Option("low-memory", _bool, "Triton path without CP: backward over time windows, no fp32 gate "
-           "tensor kept from the forward (less activation and peak memory, some speed)."),
-    Option("low-memory-keep-gates", _bool, "With --regla-low-memory: the gate tensor kept from the "
-           "forward as without it (faster; the backward's peak stays low, saved activations do not)."),
+    Option("low-memory", _bool, "Triton path without CP: backward over time windows, neither the fp32 "
+           "gate tensor nor the chunk-start states kept from the forward (less activation and peak memory, some speed)."),
+    Option("low-memory-keep-gates", _bool, "With --regla-low-memory: the gate tensor and the states kept "
+           "from the forward as without it (faster; the backward's peak stays low, saved activations do not)."),
 )
 
 

@@ -73,15 +73,17 @@ class ReGLAConfig(TransformerConfig):
     worth trying over slow links. The backward's all-gather overlaps compute either way."""
 
     regla_low_memory: bool = False
-    """Triton path without CP: the kernels' backward over time windows, the forward keeping no fp32
-    gate tensor for it (`chunk_regla(..., low_memory=True)`): 0.54 GB fewer saved activations per
-    layer and about 0.9 GB lower backward peak at 64K tokens, 16 heads of 128, for about 0.9 ms
-    of the kernels' 5.7 (benchmarks/results_kernels.md). Packed sequences (THD) too."""
+    """Triton path without CP: the kernels' backward over time windows, the forward keeping neither
+    the fp32 gate tensor nor the chunk-start states for it (`chunk_regla(..., low_memory=True)`):
+    1.08 GB fewer saved activations per layer and a backward peak under 2 GB instead of 2.3 at
+    64K tokens, 16 heads of 128, bf16, for about 1.2 ms of the kernels' 5.4
+    (benchmarks/results_kernels.md). Packed sequences (THD) too."""
 
     regla_low_memory_keep_gates: bool = False
-    """With regla_low_memory: the forward keeps the gate tensor as without it (in the gate
-    gradients' buffer, `chunk_regla(..., low_memory="backward")`): the same backward peak for about
-    0.6 ms less per layer at 64K tokens, 16 heads of 128, but not the 0.54 GB fewer saved
+    """With regla_low_memory: the forward keeps the gate tensor and the chunk-start states as
+    without it (each in a gradient's buffer, `chunk_regla(..., low_memory="backward")`): a backward
+    peak under 2 GB for about 1.1 ms less per layer than regla_low_memory alone, and 0.1 ms more
+    than without low memory, at 64K tokens, 16 heads of 128, bf16; not the 1.08 GB fewer saved
     activations."""
 
     def __post_init__(self):

@@ -19,7 +19,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 import triton  # noqa: E402  (after the TRITON_INTERPRET check: Triton reads it on import)
 import triton.language as tl  # noqa: E402
 
-from regla_kernels.triton_stages import GATE_BLOCK, gate_slots, refined_log_gate_grad_tl  # noqa: E402
+from regla_kernels.triton_stages import GATE_BLOCK, gate_slots, refined_log_gate_grad_tl, state_offsets  # noqa: E402
 
 NAMES = ["o", "final_state", "dq", "dk", "dv", "dgate", "drefine", "dinitial"]
 
@@ -665,6 +665,107 @@ def test_gate_gradients_over_b_and_a_second_backward(route, dtype, bound, launch
         assert torch.equal(a, again), name
         assert ((a.double() - b).norm() / b.norm()).item() < bound, name
     assert ((o.double() - ref[0]).norm() / ref[0].norm()).item() < bound
+
+
+@triton.jit
+def _state_offsets_kernel(out_ptr, start, eos, R_T, spill, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BV: tl.constexpr):
+    rk = tl.arange(0, DK)
+    zero = tl.program_id(0)  # chunk 0 of sequence 0 (a grid of one program)
+    for iv in tl.static_range(DV // BV):
+        rv = iv * BV + tl.arange(0, BV)
+        offsets = state_offsets(zero, zero, zero + 1, 2, rk, rv, start, eos, R_T, 0, spill, DK, DV, C, BV, True)
+        tl.store(out_ptr + rk[:, None] * DV + rv[None, :], offsets)
+
+
+@pytest.mark.parametrize("dk, dv, block_v", [(64, 64, 64), (128, 64, 32), (64, 128, 128), (128, 128, 64), (128, 128, 32)])
+def test_states_in_the_gradient_arena_take_their_key_blocks_bytes(dk, dv, block_v):
+    """`state_offsets` with IN_GRADS (h in the dq/dk gradient arena, `_GradArena`): the GATE_BLOCK key
+    rows ik of a whole chunk's h (head 1 of 2, tokens 5..68 of a sequence, read in value blocks of
+    block_v) take distinct elements among exactly that chunk's dq and dk columns of key block ik,
+    so a dq/dk program overwrites only the h it read; a shorter last chunk's h goes to the spill."""
+    heads, head, first, chunk = 2, 1, 5, 64
+    offsets = torch.empty(dk, dv, dtype=torch.int64)
+    _state_offsets_kernel[(1,)](offsets, first, first + chunk, heads, 10**6, DK=dk, DV=dv, C=chunk, BV=block_v)
+    assert offsets.unique().numel() == dk * dv
+    block = GATE_BLOCK.value
+    for ik in range(dk // block):
+        owned = {
+            ((first + t) * heads + head) * 2 * dk + part * dk + ik * block + j
+            for t in range(chunk) for part in (0, 1) for j in range(block)
+        }
+        assert set(offsets[ik * block : (ik + 1) * block].flatten().tolist()) <= owned
+    _state_offsets_kernel[(1,)](offsets, first, first + chunk - 1, heads, 10**6, DK=dk, DV=dv, C=chunk, BV=block_v)
+    spill = 10**6 + head * dk * dv
+    assert offsets.flatten().tolist() == list(range(spill, spill + dk * dv))
+
+
+def _states_route(route):
+    """(batch, length, heads, dk, dv, cu_seqlens, low_memory) of a `test_states_in_the_gradient_arena` route."""
+    packed = torch.tensor([0, 37, 137, 137, 138, 198], dtype=torch.int32)
+    return {
+        "one pass": (2, 150, 2, 64, 64, None, False),
+        "two key blocks": (1, 130, 1, 128, 64, None, False),
+        "one h row per token": (2, 128, 1, 64, 128, None, False),
+        "packed": (1, 198, 2, 64, 64, packed, False),
+        "low memory": (2, 150, 2, 64, 64, None, True),
+        "low memory keeping b and h": (2, 150, 2, 64, 64, None, "backward"),
+    }[route]
+
+
+@pytest.mark.parametrize("route", ["one pass", "two key blocks", "one h row per token", "packed", "low memory", "low memory keeping b and h"])
+def test_states_in_the_gradient_arena(route, launch):
+    """Where h fits (fp32, dk a multiple of GATE_BLOCK, dv = GATE_BLOCK or twice it) the chunk-start
+    states live in the dq/dk gradient arena (`_GradArena`): the forward keeps them there and the
+    dq/dk kernels write over them (the low-memory windows: recomputed per window into their rows,
+    or kept). Both kernel paths (fast_limit 17), shorter last chunks (the spill), packed sequences
+    with an empty and a one-token one, two key blocks: outputs and every gradient against the fp64
+    recurrence; the low-memory modes bit for bit the one-pass backward's; a second backward
+    through the same graph (the first overwrote h) bit for bit the first's."""
+    from regla_kernels import chunk_regla
+
+    batch, length, heads, dk, dv, cu, low_memory = _states_route(route)
+    launch.LAUNCH.update(fast_limit=17.0, backward_windows=2)
+    made = []
+    grad_arena = launch._grad_arena
+    launch._grad_arena = lambda *args: made.append(args) or grad_arena(*args)
+    try:
+        sequences = None if cu is None else cu.numel() - 1
+        inputs = _inputs(batch, length, heads, dk, dv, sequences=sequences, logit_scale=1.0, seed=71)
+        if low_memory:
+            _low_memory_equals_one_pass(inputs, cu, low_memory)
+        leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+        o, state = chunk_regla(
+            *leaves[:5], initial_state=leaves[5], cu_seqlens=cu, output_final_state=True, backend="triton", low_memory=low_memory,
+        )
+    finally:
+        launch._grad_arena = grad_arena
+    assert made, "h did not go to the gradient arena"
+    gen = torch.Generator().manual_seed(99)
+    w_o, w_s = (torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in (o, state))
+    loss = (o.double() * w_o).sum() + (state.double() * w_s).sum()
+    first = torch.autograd.grad(loss, leaves, retain_graph=True)
+    second = torch.autograd.grad(loss, leaves)
+    for name, a, again in zip(NAMES[2:], first, second):
+        assert torch.equal(a, again), name
+    # the fp64 recurrence, without the empty sequence (it takes none; its state passes through)
+    kept = list(range(w_s.shape[0])) if cu is None else [n for n in range(cu.numel() - 1) if cu[n + 1] > cu[n]]
+    ref_cu = None if cu is None else torch.unique_consecutive(cu)
+    ref_leaves = [x.double().requires_grad_(True) for x in (*inputs[:5], inputs[5][kept])]
+    ref_o, ref_state = chunk_regla(*ref_leaves[:5], initial_state=ref_leaves[5], cu_seqlens=ref_cu, output_final_state=True, backend="naive")
+    ref_loss = (ref_o * w_o).sum() + (ref_state * w_s[kept]).sum()
+    ref = torch.autograd.grad(ref_loss, ref_leaves)
+    for name, a, b in zip(NAMES[2:], (*first[:5], first[5][kept]), ref):
+        assert ((a.double() - b).norm() / b.norm()).item() < 2e-5, name
+    assert ((o.double() - ref_o).norm() / ref_o.norm()).item() < 2e-5
+
+
+def test_states_stay_apart_where_they_do_not_fit(launch):
+    """fp16 keeps fp32 states (twice the gradients' bytes), dv = 16 and dk = 32 key blocks have no
+    room: h keeps a buffer of its own there."""
+    assert launch._states_fit_grads(64, 64, torch.float32) and launch._states_fit_grads(128, 128, torch.bfloat16)
+    assert not launch._states_fit_grads(64, 64, torch.float16)
+    assert not launch._states_fit_grads(64, 16, torch.float32)
+    assert not launch._states_fit_grads(32, 64, torch.float32)
 
 
 def test_unsupported_shapes_and_dtypes_name_the_limit(launch):
