@@ -8,6 +8,7 @@ from .chunk_torch import chunk_regla_torch
 from .gating import default_scale, key_feature_map, query_feature_map, refined_log_gate, sequence_key_max
 from .naive import naive_recurrent_regla
 from .decode import regla_step
+from .rows import copy_rows, split_features
 
 try:  # the Triton backend, only where Triton imports
     from .triton_chunk import chunk_regla_triton, triton_supports
@@ -25,6 +26,7 @@ __all__ = [
     "chunk_regla",
     "chunk_regla_segments",
     "chunk_regla_torch",
+    "copy_rows",
     "cp_state_grad_scan",
     "cp_state_scan",
     "default_scale",
@@ -38,4 +40,5 @@ __all__ = [
     "resolve_backend",
     "segment_log_decay",
     "sequence_key_max",
+    "split_features",
 ]

@@ -38,7 +38,7 @@ from megatron.core.transformer.utils import (
     sharded_state_dict_default,
 )
 
-from regla_kernels import chunk_regla, default_scale
+from regla_kernels import chunk_regla, default_scale, split_features
 
 from .config import ReGLAConfig
 from .norms import param_device
@@ -69,12 +69,13 @@ def _process_groups(pg_collection: Optional[ProcessGroupCollection]):
 def _batch_major_pieces(projected: torch.Tensor, heads: int, sizes: List[int]) -> List[torch.Tensor]:
     """[s, b, heads * sum(sizes)] -> per-head pieces [b, s, heads, size], all views (the Triton
     kernels read them with their strides). Split first, then transpose each piece: the
-    backward then concatenates the pieces' gradients straight into the [s, b] layout the
-    projection's backward wants (transposing the whole first would leave it a transposed
-    gradient, copied again inside the linear layer)."""
+    backward then writes the pieces' gradients straight into the [s, b] layout the projection's
+    backward wants (transposing the whole first would leave it a transposed gradient, copied
+    again inside the linear layer), by row copies (`split_features`: the kernels' dq, dk, dz and
+    du are strided views, which torch.cat copies element by element)."""
     seq, batch = projected.shape[:2]
     per_head = projected.view(seq, batch, heads, -1)
-    return [piece.transpose(0, 1) for piece in per_head.split(sizes, dim=-1)]
+    return [piece.transpose(0, 1) for piece in split_features(per_head, sizes)]
 
 
 class ReGLAMixer(MegatronModule):

@@ -158,3 +158,27 @@ def test_bad_input_names_the_problem(change, message):
     change(arguments)
     with pytest.raises((ValueError, TypeError, NotImplementedError), match=message):
         chunk_regla(**arguments)
+
+
+def test_split_features_gradient_equals_torch_split():
+    """`split_features` gives torch.split's views and, whatever the row strides of the pieces'
+    gradients (here a strided view of a pair buffer, as the Triton kernels return dq and dk) and
+    with a piece left without a gradient, torch.split's gradient of the fused tensor."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 3, 2, 20, generator=gen, dtype=torch.float64)
+    sizes = [8, 8, 4]
+    pair = torch.randn(6, 3, 2, 2, 8, generator=gen, dtype=torch.float64)  # rows of 16: two pieces' gradients
+    weight = torch.randn(6, 3, 2, 4, generator=gen, dtype=torch.float64)
+
+    def grad_of(split):
+        leaf = x.clone().requires_grad_(True)
+        a, b, c = split(leaf)
+        assert torch.equal(a, x[..., :8]) and torch.equal(c, x[..., 16:])
+        torch.autograd.backward([a, c], [pair[..., 0, :], weight])  # b unused
+        return leaf.grad
+
+    got = grad_of(lambda t: regla_kernels.split_features(t, sizes))
+    assert torch.equal(got, grad_of(lambda t: t.split(sizes, dim=-1)))
+    assert torch.equal(got[..., 8:16], torch.zeros(6, 3, 2, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="sum to 19"):
+        regla_kernels.split_features(x, [8, 8, 3])

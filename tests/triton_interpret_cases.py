@@ -768,6 +768,21 @@ def test_states_stay_apart_where_they_do_not_fit(launch):
     assert not launch._states_fit_grads(32, 64, torch.float32)
 
 
+@pytest.mark.parametrize("d", [16, 128])
+def test_row_copy_kernel_copies_strided_rows(d):
+    """`rows._copy_rows_kernel` (`copy_rows` on CUDA): rows of a strided source (a gradient pair
+    buffer's second half) into a strided destination (a fused gradient's slice), nothing else
+    written; a row count that is no multiple of its row block."""
+    from regla_kernels import rows
+
+    gen = torch.Generator().manual_seed(3)
+    src = torch.randn(37, 2, d, generator=gen).to(torch.float16)[:, 1]
+    dst = torch.zeros(37, 3 * d, dtype=torch.float16)
+    rows._copy_rows_kernel[(triton.cdiv(37, 8),)](src, dst[:, d:], 37, src.stride(0), dst.stride(0), D=d, BLOCK_ROWS=8)
+    assert torch.equal(dst[:, d : 2 * d], src)
+    assert not dst[:, :d].any() and not dst[:, 2 * d :].any()
+
+
 def test_unsupported_shapes_and_dtypes_name_the_limit(launch):
     from regla_kernels import chunk_regla
 
