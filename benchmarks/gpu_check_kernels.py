@@ -41,8 +41,9 @@ def run(backend, inputs, cu, weights, low_memory=False, twice=False):
     backward through the same graph (retain_graph), asserted bit for bit equal to the first's
     (the first writes the gate gradients over the b the forward kept; the second computes b again)."""
     leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+    bias = dict(gate_bias=leaves[6]) if len(leaves) > 6 else {}  # inputs[6]: the logits' bias [H, 2 dk]
     o, state = chunk_regla(
-        *leaves[:5], initial_state=leaves[5], output_final_state=True, cu_seqlens=cu, backend=backend, low_memory=low_memory
+        *leaves[:5], initial_state=leaves[5], output_final_state=True, cu_seqlens=cu, backend=backend, low_memory=low_memory, **bias
     )
     loss = (o.double() * weights[0]).sum() + (state.double() * weights[1]).sum()
     first = torch.autograd.grad(loss, leaves, retain_graph=True) if twice else None
@@ -56,9 +57,11 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
-def check(label, batch, length, heads, dk, dv, dtype, logit_scale=1.0, seqlens=None, seed=0, low_memory=False, twice=False):
+def check(label, batch, length, heads, dk, dv, dtype, logit_scale=1.0, seqlens=None, seed=0, low_memory=False, twice=False,
+          gate_bias=False):
     """Triton against the torch reference in fp64 (forward, final state, every gradient). With
-    low_memory the windowed backward, which in fp32 must also equal the one-pass backward bit for bit."""
+    low_memory the windowed backward, which in fp32 must also equal the one-pass backward bit for
+    bit. gate_bias: with a bias of the logits (fp32 [H, 2 dk], added inside the Triton kernels)."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     cu = None
     sequences = batch
@@ -66,6 +69,11 @@ def check(label, batch, length, heads, dk, dv, dtype, logit_scale=1.0, seqlens=N
         cu = torch.tensor([0] + list(torch.tensor(seqlens).cumsum(0)), device="cuda", dtype=torch.int32)
         sequences = len(seqlens)
     inputs = draw(batch, length, heads, dk, dv, dtype, logit_scale, sequences, gen)
+    names = NAMES
+    triton_chunk.LAUNCH["gate_bias_in_kernels"] = gate_bias  # the bias inside the kernels (off by default until checked here)
+    if gate_bias:
+        inputs.append(torch.randn(heads, 2 * dk, generator=gen, device="cuda"))
+        names = NAMES + ["dbias"]
     weights = [torch.randn(batch, length, heads, dv, generator=gen, device="cuda", dtype=torch.float64),
                torch.randn(sequences, heads, dk, dv, generator=gen, device="cuda", dtype=torch.float64)]
     if seqlens is None:
@@ -76,11 +84,11 @@ def check(label, batch, length, heads, dk, dv, dtype, logit_scale=1.0, seqlens=N
     got = run("triton", inputs, cu, weights, low_memory, twice)
     torch.cuda.synchronize()
     ref = run("torch", [x.double() for x in inputs], cu, weights)
-    errors = {name: rel(a, b) for name, a, b in zip(NAMES, got, ref)}
+    errors = {name: rel(a, b) for name, a, b in zip(names, got, ref)}
     same = True
     if low_memory:
         one_pass = run("triton", inputs, cu, weights)
-        differ = [name for name, a, b in zip(NAMES, got, one_pass) if not torch.equal(a, b)]
+        differ = [name for name, a, b in zip(names, got, one_pass) if not torch.equal(a, b)]
         same = dtype != torch.float32 or not differ
         print(f"     {label}: low_memory differs from the one-pass backward in {differ or 'nothing'}", flush=True)
     finite = all(bool(torch.isfinite(a).all()) for a in got)
@@ -241,7 +249,14 @@ def main():
         ("second backward bf16 B2 T1000 H4 d128", 2, 1000, 4, 128, 128, torch.bfloat16, 1.0, None, False),
         ("second backward low memory backward bf16 B2 T8192", 2, 8192, 4, 128, 128, torch.bfloat16, 1.0, None, "backward"),
     ]
+    with_bias = [  # the logits' bias inside the kernels (Megatron's ReGLAMixer passes its gate bias so)
+        ("bias bf16 B2 T1000 H4 d128", 2, 1000, 4, 128, 128, torch.bfloat16, 1.0, None, False),
+        ("bias low memory backward bf16 B2 T4096 H4 d128", 2, 4096, 4, 128, 128, torch.bfloat16, 1.0, None, "backward"),
+        ("bias low memory fp32 cu_seqlens [1,64,65,500] d64", 1, 630, 2, 64, 64, torch.float32, 2.5, [1, 64, 65, 500], True),
+    ]
     results = []
+    for seed, case in enumerate(with_bias, start=100):
+        results.append(check(*case[:-1], seed=seed, low_memory=case[-1], gate_bias=True))
     for seed, case in enumerate(cases + low_memory + twice):
         try:
             if seed >= len(cases):

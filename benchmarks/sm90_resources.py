@@ -70,7 +70,7 @@ def kernel_jobs(dtype="bf16", d=128, carry=False, warps=None, fast_output_bv=Non
     args = dict(q_ptr=p, k_ptr=p, v_ptr=p, z_ptr=p, u_ptr=p, b_ptr=f32, flag_ptr="*i8", kmax_ptr=f32, h_ptr=p, dh_ptr=p,
                 do_ptr=p, o_ptr=p, dq_ptr=p, dk_ptr=p, dv_ptr=p, dz_ptr=p, du_ptr=p, table_ptr=i32, cu_ptr=i32, work_ptr=i32, choff_ptr=i32,
                 h0_ptr=f32, ht_ptr=f32, dht_ptr=f32, dh0_ptr=f32, bend_ptr=f32, hadd_ptr=f32, hdecay_ptr=f32,
-                dhadd_ptr=f32, dhdecay_ptr=f32, qmax_ptr=f32, starts_ptr=p, every="i32", N="i32", spill="i32", da_ptr=p if dtype == "bf16" else f32, scale="fp32", H="i32")
+                dhadd_ptr=f32, dhdecay_ptr=f32, qmax_ptr=f32, starts_ptr=p, every="i32", N="i32", spill="i32", bias_ptr=f32, da_ptr=p if dtype == "bf16" else f32, scale="fp32", H="i32")
     # input strides (`triton_chunk._layout`): Megatron's [s, b] projection views, divisible by 16
     args.update({name: "i32" for name in ("R_T", "R_N", "S_T", "S_N", "S_H", "V_T", "V_N", "V_H", "Z_T", "Z_N", "Z_H")})
     args["reach_ptr"] = "*i8" if carry else f32  # without a carried state the runtime passes a placeholder
@@ -78,10 +78,11 @@ def kernel_jobs(dtype="bf16", d=128, carry=False, warps=None, fast_output_bv=Non
     gate_stride = 1 if dtype == "fp32" else 2  # 16-bit: the gate gradients over b (`triton_chunk._gate_arena`)
     # h in the dq/dk gradient arena (`triton_chunk._GradArena`) where it fits; not with carried states (segments)
     in_grads = dtype != "fp16" and not carry
-    grads = dict(QS=2 if in_grads else 1, IN_GRADS=in_grads)
+    grads = dict(QS=2 if in_grads else 1, IN_GRADS=in_grads, HAS_BIAS=True)  # the logits' bias in the kernels (Megatron's)
     states = dict(DK=d, DV=d, C=tc.CHUNK_SIZE, BK=min(d, launch["states_block_k"]), BV=min(d, launch["states_block_v"]), DT=dt)
     jobs = [
-        ("gates", ts.chunk_gates_kernel, dict(DK=d, C=tc.CHUNK_SIZE, LIMIT=60.0, KEY_MAX=True, STAGES=launch["gates_stages"], WORK=True), warps["gates"], 1),
+        ("gates", ts.chunk_gates_kernel, dict(DK=d, C=tc.CHUNK_SIZE, LIMIT=60.0, KEY_MAX=True, STAGES=launch["gates_stages"], WORK=True,
+                                              HAS_BIAS=True), warps["gates"], 1),
         ("fwd_states", ts.chunk_fwd_states_kernel, dict(states, HAS_H0=False, STORE_HT=True, STARTS=False, IN_GRADS=in_grads), warps["states"], launch["states_stages"]),
         ("fwd_states (starts)", ts.chunk_fwd_states_kernel, dict(states, HAS_H0=False, STORE_HT=True, STARTS=True, IN_GRADS=in_grads), warps["states"], launch["states_stages"]),
         ("fwd_output_sub", ts.chunk_fwd_output_kernel, dict(common, BV=min(d, launch["block_v"]), DT=tl.float32, DIAG_LIMIT=-1.0, HAS_HADD=carry, IN_GRADS=in_grads), warps["output"], 1),

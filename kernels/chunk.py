@@ -92,6 +92,7 @@ def chunk_regla(
     cu_seqlens: Optional[torch.Tensor] = None,
     backend: str = "auto",
     low_memory: Union[bool, str] = False,
+    gate_bias: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """ReGLA token mixing (REGLA_SPEC section 1), before the output norm.
 
@@ -116,16 +117,26 @@ def chunk_regla(
             keeps the cumulative gate and the chunk-start states for the backward (1.08 GB at
             64K tokens, H 16, d 128, bf16; each in a gradient's buffer, so the backward's peak
             is 2.3 GB). "backward": the backward runs over time windows (as few as keep its
-            buffers within 21% of o and the input gradients), with the same saved tensors:
+            buffers within 21% of o and the input gradients), with the same saved tensors
+            (with cu_seqlens the window start states instead of the states):
             peak under 2 GB for about 0.1 ms (0.47-0.48x fla's time against 0.47x). True: the
             same windows, the forward keeping neither (computed again per window): peak under
             2 GB and 1.08 GB fewer saved activations per call, for about 1.2 ms (0.56-0.58x;
             benchmarks/results_kernels.md). With cu_seqlens the windows cut across sequences.
+        gate_bias: [H, 2 dk] per-head biases of the logits, [b_g | b_r] (any float dtype,
+            differentiable): the gates are those of gate_logits + b_g and refine_logits + b_r.
+            The Triton backend can add them inside its kernels (no biased copy of the logits is
+            made or saved: 0.54 GB fewer saved activations per call at 64K tokens, H 16, dk
+            128, bf16; `triton_chunk.LAUNCH["gate_bias_in_kernels"]`, off until GPU-checked);
+            otherwise they are added first.
     Returns:
         o: [B, T, H, dv] in q's dtype.
         final_state: [N, H, dk, dv] float32 (float64 for float64 inputs), or None.
     """
     sequences = _check_inputs(q, k, v, gate_logits, refine_logits, key_max, initial_state, cu_seqlens)
+    heads, dk = q.shape[2:]
+    if gate_bias is not None and tuple(gate_bias.shape) != (heads, 2 * dk):
+        raise ValueError(f"chunk_regla: gate_bias must be [H, 2 dk] = [{heads}, {2 * dk}] ([b_g | b_r] per head), got {tuple(gate_bias.shape)}")
     if low_memory not in (False, True, "backward"):
         raise ValueError(f"chunk_regla: low_memory={low_memory!r}; use False, True or \"backward\"")
     function = _BACKEND_FUNCTIONS[resolve_backend(backend, q, v)]
@@ -135,6 +146,11 @@ def chunk_regla(
     options = {"output_final_state": output_final_state} if getattr(function, "optional_final_state", False) else {}
     if low_memory and getattr(function, "supports_low_memory", False):
         options["low_memory"] = low_memory
+    packed_whole = cu_seqlens is None or getattr(function, "supports_cu_seqlens", False)  # one call, options passed
+    if gate_bias is not None and getattr(function, "supports_gate_bias", False) and packed_whole:
+        options["gate_bias"] = gate_bias
+    elif gate_bias is not None:
+        gate_logits, refine_logits = gate_logits + gate_bias[:, :dk], refine_logits + gate_bias[:, dk:]
     if cu_seqlens is not None and getattr(function, "supports_cu_seqlens", False):
         o, state = function(q, k, v, gate_logits, refine_logits, scale, key_max, initial_state, cu_seqlens=cu_seqlens, **options)
     else:

@@ -129,6 +129,11 @@ LAUNCH = {
     # 2 windows with "backward", 1.95-1.98 GB, and 3 with True, 1.86-1.96 GB (runs/s10_call3).
     "backward_windows": 0,
     "window_memory_fraction": 0.21,
+    # chunk_regla(gate_bias=...) added inside the kernels (no biased copy of the logits) rather than
+    # before them. Off until the GPU check's bias cases (benchmarks/gpu_check_kernels.py, which
+    # turns it on for them) have passed on the GPU: written and checked in the interpreter in
+    # session 10, when no device time was left to run them.
+    "gate_bias_in_kernels": False,
 }
 POISON = os.environ.get("REGLA_TRITON_POISON", "0") == "1"
 
@@ -204,7 +209,9 @@ class _GradArena(NamedTuple):
     no memory of its own, 0.54 GB at the record shape (bf16, 64K tokens, H 16, d 128). buffer:
     flat, a row of 2 dk per token and head (dq's row, then dk's; [T, H, 2, dk]), then the states
     of each sequence's last, shorter chunk from element `spill` on ([N, H, dk, dv], where some
-    sequence has one). dq, dk: [T, H, dk] views."""
+    sequence has one). dq, dk: [T, H, dk] views (flat [rows, dk] ones after `from_row`). At
+    dv = 2 C the arena is as large as the h it holds; at dv = C twice as large, so a forward that
+    keeps it keeps dq and dk's size, not h's."""
 
     buffer: torch.Tensor
     spill: int
@@ -221,8 +228,8 @@ class _GradArena(NamedTuple):
 def _states_fit_grads(dk: int, dv: int, dtype: torch.dtype) -> bool:
     """Whether h can live in the dq/dk gradient arena (`_GradArena`): its dtype is the gradients'
     (bf16, fp32; fp16 keeps fp32 states), a dq/dk key block (GATE_BLOCK features) of a chunk has
-    room for that block's h rows (dv at most 2 C = 2 GATE_BLOCK: one or two per token) and the
-    dq/dk kernel's key block is GATE_BLOCK."""
+    room for that block's h rows in a layout `state_offsets` knows (dv = GATE_BLOCK or 2
+    GATE_BLOCK = 2 C: two or one h rows per token) and the dq/dk kernel's key block is GATE_BLOCK."""
     block = GATE_BLOCK.value
     return (
         _state_dtype(dtype) == dtype
@@ -353,7 +360,7 @@ def _one_layout(*xs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     return tuple(x.contiguous() for x in xs)
 
 
-def _gates(z, u, k, cu, table, total, key_max=None, out=None, need_key_max=True, order=None, work=None, b=None):
+def _gates(z, u, k, cu, table, total, key_max=None, out=None, need_key_max=True, order=None, work=None, b=None, bias=None):
     """b (cumulative log gate from each chunk start, fp32 [T, H, dk]), each chunk's total log
     decay (fp32 [chunks, H, dk]), the fast-path flags (int8 [chunks, H]) and the key max
     (fp32 [N, H]: `key_max` when given, else computed here from k, unless need_key_max is
@@ -361,7 +368,8 @@ def _gates(z, u, k, cu, table, total, key_max=None, out=None, need_key_max=True,
     `b`: only b preallocated (`_gate_arena`).
     `work`: a zeroed `_work_list` the flag-0 chunks are appended to (as `_slow_chunks` makes it).
     z and u share one `_layout`, k has q's. `order` (here and below): the row order of the
-    per-token tensors (`_row_order`), sequences one after another by default."""
+    per-token tensors (`_row_order`), sequences one after another by default. `bias` (here and
+    below): the logits' bias (fp32 [H, 2 dk], `_kernel_bias`) or None."""
     tokens, heads, dk = _dims(z)
     order = (heads, 0) if order is None else order
     if out is None:
@@ -376,8 +384,10 @@ def _gates(z, u, k, cu, table, total, key_max=None, out=None, need_key_max=True,
         key_max = torch.full((cu.numel() - 1, heads), float("-inf"), device=z.device, dtype=torch.float32)
     chunk_gates_kernel[(total, heads)](
         z, u, k, b, chunk_decay, flags, key_max if key_max is not None else b, work if work is not None else flags, table, cu,
+        b if bias is None else bias,
         heads, *order, *_layout(k), *_layout(z), DK=dk, C=CHUNK_SIZE, LIMIT=_fast_limit(), KEY_MAX=compute_max,
-        STAGES=LAUNCH["gates_stages"], WORK=work is not None, num_warps=LAUNCH["gates_warps"], **_register_cap("gates"),
+        STAGES=LAUNCH["gates_stages"], WORK=work is not None, HAS_BIAS=bias is not None, num_warps=LAUNCH["gates_warps"],
+        **_register_cap("gates"),
     )
     return b, chunk_decay, flags, key_max
 
@@ -508,7 +518,7 @@ def _bwd_dstates(q, q_max, b, do, dht, cu, offsets, scale, total, dv, order=None
 
 def _bwd_main(
     q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total, h_carry=None, dh_carry=None, order=None, work=None,
-    *, out,
+    *, out, bias=None,
 ):
     """dq, dk, dv, dz, du ([T, H, D] each in its input's dtype) from h and dh (plus `h_carry`,
     `dh_carry`, see `_carried`), written into `out` (views the kernels write at `order`'s rows:
@@ -541,18 +551,19 @@ def _bwd_main(
             )
         chunk_bwd_dqk_fast_kernel[(dk // bk, total, heads)](
             q, k, v, z, u, b, flags, key_max, q_max, score_grad, h, h_add, h_decay, dh, dh_add, dh_decay, do,
-            dq, dk_, dz, du, table, cu, scale, spill,
+            dq, dk_, dz, du, table, cu, scale, spill, b if bias is None else bias,
             heads, *order, *_layout(q), *_layout(v), *_layout(z), DK=dk, DV=dv, C=CHUNK_SIZE, BK=bk, BV=min(dv, LAUNCH["fast_dqk_block_v"]), DT=dt,
-            HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, GS=gate_stride, QS=grad_stride, IN_GRADS=in_grads,
+            HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, GS=gate_stride, QS=grad_stride, IN_GRADS=in_grads, HAS_BIAS=bias is not None,
             num_warps=LAUNCH["fast_dqk_warps"], num_stages=LAUNCH["fast_dqk_stages"],
             **_register_cap("fast_dqk"),
         )
         del score_grad
     chunk_bwd_main_kernel[(_slow_programs(total, heads),)](
         q, k, v, z, u, b, flags, key_max, h, h_add, h_decay, dh, dh_add, dh_decay, do, dq, dk_, dv_, dz, du, table, cu,
-        _slow_chunks(flags) if work is None else work, scale, spill,
+        _slow_chunks(flags) if work is None else work, scale, spill, b if bias is None else bias,
         heads, *order, *_layout(q), *_layout(v), *_layout(z), DK=dk, DV=dv, C=CHUNK_SIZE, S=LAUNCH["sub_chunk"], BV=_bwd_block_v(dv), DT=tl.float32,
         DIAG_LIMIT=LAUNCH["diag_limit"], HAS_HADD=has_h_add, HAS_DHADD=has_dh_add, GS=gate_stride, QS=grad_stride, IN_GRADS=in_grads,
+        HAS_BIAS=bias is not None,
         num_warps=LAUNCH["bwd_warps"],
         num_stages=1,
     )
@@ -599,20 +610,20 @@ def _output_grad(do, like_rows: int, like: torch.Tensor) -> torch.Tensor:
     return do.contiguous()
 
 
-def _forward(q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, starts=None, into=None):
+def _forward(q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, starts=None, into=None, bias=None):
     """The forward stages of both Functions: o (rows in `_row_order`), the final states, and what
     a backward may keep or derive from: the gate arena (b, dz, du: `_gate_arena`), flags, key max,
     h, query max and the sub-chunk work list. `starts`, `into`: as in `_fwd_states`."""
     order = _row_order(q.shape[0], q.shape[1], q.shape[2], minor)
     work = _work_list(chunks=total, heads=q.shape[2], device=q.device)
     arena = _gate_arena(*_dims(z), z.dtype, z.device)
-    b, _, flags, key_max = _gates(z, u, k, cu, table, total, key_max, order=order, work=work, b=arena[0])
+    b, _, flags, key_max = _gates(z, u, k, cu, table, total, key_max, order=order, work=work, b=arena[0], bias=bias)
     h, ht = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, True, order=order, starts=starts, into=into)
     o, q_max = _fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, order=order, work=work)
     return o, ht, arena, flags, key_max, h, q_max, work
 
 
-def _kept_arena(ctx, arena, z, u, k, key_max, cu, table, total, order=None):
+def _kept_arena(ctx, arena, z, u, k, key_max, cu, table, total, order=None, bias=None):
     """The gate arena (`_gate_arena`) a backward writes its gate gradients into: the one the forward
     kept, whose b the first backward overwrites; a second backward through the same graph
     (retain_graph) gets a new one with b computed again."""
@@ -620,7 +631,7 @@ def _kept_arena(ctx, arena, z, u, k, key_max, cu, table, total, order=None):
         ctx.arena_spent = True
         return arena
     fresh = _gate_arena(*_dims(z), z.dtype, z.device)
-    _gates(z, u, k, cu, table, total, key_max, order=order, b=fresh[0])
+    _gates(z, u, k, cu, table, total, key_max, order=order, b=fresh[0], bias=bias)
     return fresh
 
 
@@ -643,18 +654,19 @@ def _spilled_sequences(cu: torch.Tensor, length: Optional[int]) -> int:
     return cu.numel() - 1 if bool((lengths % CHUNK_SIZE != 0).any()) else 0
 
 
-def _arena_spill(q, v, cu, length: Optional[int]) -> Optional[int]:
+def _arena_spilled(q, v, cu, total: int, length: Optional[int]) -> Optional[int]:
     """The spilled sequences of a `_GradArena` for these inputs (`_spilled_sequences`), or None
-    where h does not fit one (`_states_fit_grads`). The spill (one state per sequence) is never
-    larger than the h it replaces (one per chunk)."""
+    where h does not fit one (`_states_fit_grads`) or the spill (one state per sequence) would
+    be larger than the h it replaces (one per chunk: packed input with many empty sequences)."""
     if not _states_fit_grads(q.shape[-1], v.shape[-1], q.dtype):
         return None
-    return _spilled_sequences(cu, length)
+    spilled = _spilled_sequences(cu, length)
+    return None if spilled > total else spilled
 
 
-def _states_arena(q, v, cu, length: Optional[int]) -> Optional[_GradArena]:
-    """A `_GradArena` for q's and v's shapes where h fits one (`_arena_spill`), else None."""
-    spilled = _arena_spill(q, v, cu, length)
+def _states_arena(q, v, cu, total: int, length: Optional[int]) -> Optional[_GradArena]:
+    """A `_GradArena` for q's and v's shapes where h fits one (`_arena_spilled`), else None."""
+    spilled = _arena_spilled(q, v, cu, total, length)
     if spilled is None:
         return None
     tokens, heads, dk = _dims(q)
@@ -671,7 +683,8 @@ def _kept_states(ctx, buffer, q, k, v, b, key_max, h0, cu, offsets, total, order
         ctx.states_spent = True
         arena = _grad_arena_of(buffer, tokens, heads, dk)
         return arena, arena.dq, arena.dk
-    into = None if buffer is None else _grad_arena_of(torch.empty_like(buffer), tokens, heads, dk)
+    fresh = None if buffer is None else _empty(buffer.numel(), device=buffer.device, dtype=buffer.dtype)
+    into = None if fresh is None else _grad_arena_of(fresh, tokens, heads, dk)
     h, _ = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, False, order=order, into=into)
     if into is not None:
         return into, into.dq, into.dk
@@ -681,44 +694,62 @@ def _kept_states(ctx, buffer, q, k, v, b, key_max, h0, cu, offsets, total, order
 class _ChunkReGLATriton(torch.autograd.Function):
     """q, k, v, z, u [B, T, H, D]; o as [B * T, H, dv] in `_row_order` (Megatron's [s, b] order
     when `minor`), the input gradients as [B, T, H, D] views of that order. The forward keeps b
-    (`_gate_arena`) and h (`_GradArena`; `length`: the sequences' length, None with packed ones,
-    for its spill) for the backward, which needs no state pass but the state gradients'."""
+    (`_gate_arena`) and, where it fits one, h (`_GradArena`; `length`: the sequences' length, None
+    with packed ones, for its spill) for the backward, which then needs no state pass but the
+    state gradients' (else it computes h again first)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, length):
-        into = _states_arena(q, v, cu, length)
+    def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, length, gate_bias):
+        into = _states_arena(q, v, cu, total, length)
+        bias = _kernel_bias(gate_bias)
         o, ht, arena, flags, key_max, h, q_max, work = _forward(
-            q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, into=into,
+            q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, into=into, bias=bias,
         )
         del h  # kept in the gradient arena (`into`), else recomputed in the backward
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(q, k, v, z, u, *arena, flags, key_max, q_max, h0, cu, offsets, table, work, *_buffer_of(into))
+        ctx.save_for_backward(
+            q, k, v, z, u, *arena, flags, key_max, q_max, h0, cu, offsets, table, work, *_buffer_of(into), bias, gate_bias,
+        )
         ctx.scale, ctx.total, ctx.minor = scale, total, minor
         ctx.h0_dtype = None if h0 is None else h0.dtype
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, z, u, b, dz, du, flags, key_max, q_max, h0, cu, offsets, table, work, states = ctx.saved_tensors
+        q, k, v, z, u, b, dz, du, flags, key_max, q_max, h0, cu, offsets, table, work, states, bias, gate_bias = ctx.saved_tensors
         scale, total = ctx.scale, ctx.total
         order = _row_order(q.shape[0], q.shape[1], q.shape[2], ctx.minor)
-        b, dz, du = _kept_arena(ctx, (b, dz, du), z, u, k, key_max, cu, table, total, order)
+        b, dz, du = _kept_arena(ctx, (b, dz, du), z, u, k, key_max, cu, table, total, order, bias)
         do = _output_grad(do, q.shape[0] * q.shape[1], v)
         dht = None if dht is None else dht.float().contiguous()
         h, dq, dk = _kept_states(ctx, states, q, k, v, b, key_max, h0, cu, offsets, total, order)
         dh, dh0 = _bwd_dstates(q, q_max, b, do, dht, cu, offsets, scale, total, v.shape[-1], order=order)
         grads = _bwd_main(
             q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total, order=order, work=work,
-            out=(dq, dk, _grad_rows(v), dz, du),
+            out=(dq, dk, _grad_rows(v), dz, du), bias=bias,
         )
+        dbias = _bias_grad(grads[3], grads[4], gate_bias)
         grads = [_from_rows(g, q.shape[0], q.shape[1], ctx.minor) for g in grads]
         dinit = None if h0 is None else dh0.to(ctx.h0_dtype)
-        return (*grads, None, None, dinit, None, None, None, None, None, None)
+        return (*grads, None, None, dinit, None, None, None, None, None, None, dbias)
 
 
 def _buffer_of(arena: Optional[_GradArena]) -> Tuple[Optional[torch.Tensor]]:
     """(the buffer of a `_GradArena`, or None) for save_for_backward."""
     return (None if arena is None else arena.buffer,)
+
+
+def _kernel_bias(gate_bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The logits' bias as the kernels read it (fp32 [H, 2 dk], contiguous), or None."""
+    return None if gate_bias is None else gate_bias.detach().float().contiguous()
+
+
+def _bias_grad(dz: torch.Tensor, du: torch.Tensor, gate_bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The gradient of the logits' bias [H, 2 dk] (in its dtype): dz and du ([T, H, dk], any row
+    order) summed over the tokens in fp32; None without a bias."""
+    if gate_bias is None:
+        return None
+    return torch.cat([dz.sum(0, dtype=torch.float32), du.sum(0, dtype=torch.float32)], dim=-1).to(gate_bias.dtype)
 
 
 def _window_bytes(
@@ -759,22 +790,23 @@ def _window_order(batch: int, length: int, window: int, heads: int, minor: bool)
     return row_t, row_n + (length - window) * row_t
 
 
-def _keep_for_windows(ctx, q, k, v, z, u, arena, flags, key_max, q_max, h0, starts, keep_gates, states=None):
+def _keep_for_windows(ctx, q, k, v, z, u, arena, flags, key_max, q_max, h0, starts, keep_gates, states, biases):
     """What both windowed Functions save for their backward (h in the gradient arena `states`
     where the forward kept it, else the window start states; with keep_gates the gate arena and
-    flags, else neither), and the initial state's dtype for its gradient."""
+    flags, else neither; `biases`: the logits' bias as the kernels read it and as given), and the
+    initial state's dtype for its gradient."""
     ctx.set_materialize_grads(False)
     kept = (*arena, flags) if keep_gates else (None,) * 4
-    ctx.save_for_backward(q, k, v, z, u, *kept, key_max, q_max, h0, starts, *_buffer_of(states))
+    ctx.save_for_backward(q, k, v, z, u, *kept, key_max, q_max, h0, starts, *_buffer_of(states), *biases)
     ctx.h0_dtype = None if h0 is None else h0.dtype
 
 
-def _window_arena(ctx, arena, z, u, k, key_max, cu, table, total, order=None):
+def _window_arena(ctx, arena, z, u, k, key_max, cu, table, total, order=None, bias=None):
     """The gate arena of a windowed backward: the forward's (`_kept_arena`), or, where the forward
     kept none (arena of Nones), a new one whose b each window fills for itself (`_window_backward`)."""
     if arena[0] is None:
         return _gate_arena(*_dims(z), z.dtype, z.device)
-    return _kept_arena(ctx, arena, z, u, k, key_max, cu, table, total, order)
+    return _kept_arena(ctx, arena, z, u, k, key_max, cu, table, total, order, bias)
 
 
 def _window_rows(tensors, first_row: int):
@@ -796,20 +828,21 @@ class _ChunkReGLATritonWindowed(torch.autograd.Function):
     states again)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, window_chunks, keep_gates, length):
+    def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, window_chunks, keep_gates, length, gate_bias):
         batch, heads, dk, dv = q.shape[0], q.shape[2], q.shape[3], v.shape[-1]
         windows = -(-(total // batch) // window_chunks)
-        ctx.spill = _arena_spill(q, v, cu, length)
-        kept = _states_arena(q, v, cu, length) if keep_gates else None
+        ctx.spilled = _arena_spilled(q, v, cu, total, length)
+        kept = _states_arena(q, v, cu, total, length) if keep_gates else None
         starts = None
         if kept is None:
             starts = _empty(windows - 1, batch, heads, dk, dv, device=q.device, dtype=_state_dtype(q.dtype))
+        bias = _kernel_bias(gate_bias)
         o, ht, arena, flags, key_max, h, q_max, _ = _forward(
             q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor,
-            starts=None if starts is None else (starts, window_chunks), into=kept,
+            starts=None if starts is None else (starts, window_chunks), into=kept, bias=bias,
         )
         del h
-        _keep_for_windows(ctx, q, k, v, z, u, arena, flags, key_max, q_max, h0, starts, keep_gates, kept)
+        _keep_for_windows(ctx, q, k, v, z, u, arena, flags, key_max, q_max, h0, starts, keep_gates, kept, (bias, gate_bias))
         ctx.scale, ctx.minor, ctx.window = scale, minor, window_chunks * CHUNK_SIZE
         ctx.tables = (cu, offsets, table, total)
         ctx.windows = windows
@@ -817,18 +850,18 @@ class _ChunkReGLATritonWindowed(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, z, u, b, dz, du, flags, key_max, q_max, h0, starts, states = ctx.saved_tensors
+        q, k, v, z, u, b, dz, du, flags, key_max, q_max, h0, starts, states, bias, gate_bias = ctx.saved_tensors
         batch, length, heads, dk = q.shape
         cu, offsets, table, total = ctx.tables
         order = _row_order(batch, length, heads, ctx.minor)
         row_t = order[0]
-        arena = _window_arena(ctx, (b, dz, du), z, u, k, key_max, cu, table, total, order)
+        arena = _window_arena(ctx, (b, dz, du), z, u, k, key_max, cu, table, total, order, bias)
         do = _output_grad(do, batch * length, v)
         states_kept = states is not None
         if states_kept:  # the forward's h (or, in a second backward, h computed again whole)
             grad_arena, dq, dk_ = _kept_states(ctx, states, q, k, v, arena[0], key_max, h0, cu, offsets, total, order)
-        elif ctx.spill is not None:  # each window computes its h into its rows of a new arena
-            grad_arena = _grad_arena(batch * length, heads, dk, v.shape[-1], ctx.spill, q.dtype, q.device)
+        elif ctx.spilled is not None:  # each window computes its h into its rows of a new arena
+            grad_arena = _grad_arena(batch * length, heads, dk, v.shape[-1], ctx.spilled, q.dtype, q.device)
             dq, dk_ = grad_arena.dq, grad_arena.dk
         else:
             grad_arena, dq, dk_ = None, _grad_rows(q), _grad_rows(k)
@@ -846,11 +879,12 @@ class _ChunkReGLATritonWindowed(torch.autograd.Function):
                 key_max, h0 if index == 0 or states_kept else starts[index - 1], dstate, ctx.scale,
                 _regular_tables(batch, window, q.device), _window_order(batch, length, window, heads, ctx.minor), window_flags,
                 dh_start=dstate if not last and dstate is not None else None,
-                states=None if grad_arena is None else grad_arena.from_row(first * row_t), states_kept=states_kept,
+                states=None if grad_arena is None else grad_arena.from_row(first * row_t), states_kept=states_kept, bias=bias,
             )
         grads = [_from_rows(g, batch, length, ctx.minor) for g in grads]
         dinit = None if h0 is None else dstate.to(ctx.h0_dtype)
-        return (*grads, None, None, dinit, None, None, None, None, None, None, None, None)
+        dbias = _bias_grad(grads[3], grads[4], gate_bias)
+        return (*grads, None, None, dinit, None, None, None, None, None, None, None, None, dbias)
 
 
 class _PackedWindow:
@@ -899,21 +933,24 @@ class _ChunkReGLATritonPackedWindowed(torch.autograd.Function):
     initial-state gradient."""
 
     @staticmethod
-    def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, windows, keep_gates):
-        o, ht, arena, flags, key_max, h, q_max, _ = _forward(q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor)
+    def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, windows, keep_gates, gate_bias):
+        bias = _kernel_bias(gate_bias)
+        o, ht, arena, flags, key_max, h, q_max, _ = _forward(
+            q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, bias=bias,
+        )
         firsts = torch.tensor([w.first_chunk for w in windows[1:]], dtype=torch.int64, device=h.device)
         starts = h.index_select(0, firsts)  # [W - 1, H, dk, dv]: h at each later window's first chunk
         del h
-        _keep_for_windows(ctx, q, k, v, z, u, arena, flags, key_max, q_max, h0, starts, keep_gates)
+        _keep_for_windows(ctx, q, k, v, z, u, arena, flags, key_max, q_max, h0, starts, keep_gates, None, (bias, gate_bias))
         ctx.scale, ctx.windows, ctx.tables = scale, windows, (cu, table, total)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, z, u, b, dz, du, flags, key_max, q_max, h0, starts, _ = ctx.saved_tensors
+        q, k, v, z, u, b, dz, du, flags, key_max, q_max, h0, starts, _, bias, gate_bias = ctx.saved_tensors
         _, length, heads, dk = q.shape
         dv, sequences = v.shape[-1], key_max.shape[0]
-        arena = _window_arena(ctx, (b, dz, du), z, u, k, key_max, *ctx.tables)
+        arena = _window_arena(ctx, (b, dz, du), z, u, k, key_max, *ctx.tables, None, bias)
         do = _output_grad(do, length, v)
         grads = [*_value_grads(q, k, v), *arena[1:]]
         zeros = lambda pieces: torch.zeros(pieces, heads, dk, dv, device=q.device, dtype=torch.float32)
@@ -934,18 +971,21 @@ class _ChunkReGLATritonPackedWindowed(torch.autograd.Function):
                 [x[:, w.start : w.end] for x in (q, k, v, z, u)],
                 _window_rows((do, q_max.unsqueeze(-1), arena[0], *grads), w.start * heads),
                 key_max[w.sequences], init, end_grad, ctx.scale, w.tables, (heads, 0),
-                None if flags is None else flags[w.first_chunk : w.first_chunk + w.tables[3]],
+                None if flags is None else flags[w.first_chunk : w.first_chunk + w.tables[3]], bias=bias,
             )
             if w.continued:
                 handed, dh_start = dh_start[0], dh_start[1:]
             if dinit is not None:
                 dinit[w.sequences[1:] if w.continued else w.sequences] = dh_start
+        dbias = _bias_grad(grads[3], grads[4], gate_bias)
         grads = [g.view(1, length, *g.shape[1:]) for g in grads]
         dinit = None if dinit is None else dinit.to(ctx.h0_dtype)
-        return (*grads, None, None, dinit, None, None, None, None, None, None, None)
+        return (*grads, None, None, dinit, None, None, None, None, None, None, None, dbias)
 
 
-def _window_backward(inputs, rows, key_max, start_state, dht, scale, tables, order, flags, dh_start=None, states=None, states_kept=False):
+def _window_backward(
+    inputs, rows, key_max, start_state, dht, scale, tables, order, flags, dh_start=None, states=None, states_kept=False, bias=None,
+):
     """One window of a low-memory backward: the gradients of its tokens written into the whole
     gradient tensors. inputs: q, k, v, z, u of the window ([B, W, H, D] views); rows: do, the query
     max, b and the five gradients as flat views from the window's first row (`_window_rows`);
@@ -955,7 +995,7 @@ def _window_backward(inputs, rows, key_max, start_state, dht, scale, tables, ord
     here, into the window's rows of b (the gate arena), and the flags with it. Returns the state gradient
     at each sequence's start in the window (fp32 [N, H, dk, dv]), written into `dh_start` when
     given (which may be dht itself: each state-pass program reads its block of dht before it
-    writes that block). `states`: the gradient arena (`_GradArena`, pointers at the window's first
+    writes that block). `bias`: as in `_gates`. `states`: the gradient arena (`_GradArena`, pointers at the window's first
     row) whose dq and dk are the rows' and that holds the window's h (`states_kept`) or receives it
     here; None: h in a buffer of its own, computed here."""
     q, k, v, z, u = inputs
@@ -963,7 +1003,7 @@ def _window_backward(inputs, rows, key_max, start_state, dht, scale, tables, ord
     cu, offsets, table, total = tables
     if flags is None:
         work = _work_list(chunks=total, heads=q.shape[2], device=q.device)
-        _, _, flags, _ = _gates(z, u, k, cu, table, total, key_max, order=order, work=work, b=b)
+        _, _, flags, _ = _gates(z, u, k, cu, table, total, key_max, order=order, work=work, b=b, bias=bias)
     else:
         work = _slow_chunks(flags)
     h = states
@@ -972,6 +1012,7 @@ def _window_backward(inputs, rows, key_max, start_state, dht, scale, tables, ord
     dh, dh_start = _bwd_dstates(q, q_max, b, do, dht, cu, offsets, scale, total, v.shape[-1], order=order, dh0=dh_start)
     _bwd_main(
         q, k, v, z, u, b, flags, key_max, q_max, h, dh, do, table, cu, scale, total, order=order, out=tuple(grads), work=work,
+        bias=bias,
     )
     return dh_start
 
@@ -1036,13 +1077,17 @@ def chunk_regla_triton(
     cu_seqlens: Optional[torch.Tensor] = None,
     output_final_state: bool = True,
     low_memory: Union[bool, str] = False,
+    gate_bias: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Backend function of `chunk_regla` (see chunk.py for the contract).
 
+    gate_bias: added to the logits inside the kernels with LAUNCH["gate_bias_in_kernels"] (the
+    segments route, and the default until that setting is GPU-checked, add it first).
+
     low_memory: True or "backward": the backward over time windows (`_ChunkReGLATritonWindowed`,
     with cu_seqlens `_ChunkReGLATritonPackedWindowed`, which keeps h per window in a buffer of
-    its own), never as segments; "backward" keeps b and h from the forward (its saved tensors are
-    the one-pass Function's), True computes them again.
+    its own), never as segments; "backward" keeps b from the forward, and h where it fits the
+    gradient arena (without cu_seqlens; else the window start states), True computes both again.
 
     Returns o [B, T, H, dv] in q's dtype and the final state [N, H, dk, dv] in fp32 (None
     when output_final_state is False and the sequences went as segments, see
@@ -1054,6 +1099,10 @@ def chunk_regla_triton(
     dtype = q.dtype
     k, v, gate_logits, refine_logits = (x.to(dtype) for x in (k, v, gate_logits, refine_logits))
     segments = 1 if cu_seqlens is not None or output_final_state or low_memory else _segments_per_sequence(batch, heads, dk, dv, length)
+    if gate_bias is not None and (segments > 1 or not LAUNCH["gate_bias_in_kernels"]):
+        # added first: the segments path takes no bias of its own (and see LAUNCH)
+        gate_logits, refine_logits = gate_logits + gate_bias[:, :dk], refine_logits + gate_bias[:, dk:]
+        gate_bias = None
     if segments > 1:
         return _by_segments(q, k, v, gate_logits, refine_logits, scale, key_max, initial_state, segments), None
     if cu_seqlens is None:
@@ -1073,15 +1122,15 @@ def chunk_regla_triton(
     keep_gates = low_memory == "backward"
     if low_memory and cu_seqlens is not None and total > 0:
         windows = _packed_windows(cu, offsets, total, _window_chunks(1, total, heads, dk, dv, dtype, length))
-        o, state = _ChunkReGLATritonPackedWindowed.apply(*args, windows, keep_gates)
+        o, state = _ChunkReGLATritonPackedWindowed.apply(*args, windows, keep_gates, gate_bias)
     elif low_memory and total > 0:
-        in_grads = _arena_spill(q, v, cu, length) is not None
+        in_grads = _arena_spilled(q, v, cu, total, length) is not None
         window_chunks = _window_chunks(
             batch, total // batch, heads, dk, dv, dtype, batch * length, in_grads, starts=not (in_grads and keep_gates),
         )
-        o, state = _ChunkReGLATritonWindowed.apply(*args, window_chunks, keep_gates, length)
+        o, state = _ChunkReGLATritonWindowed.apply(*args, window_chunks, keep_gates, length, gate_bias)
     else:
-        o, state = _ChunkReGLATriton.apply(*args, None if cu_seqlens is not None else length)
+        o, state = _ChunkReGLATriton.apply(*args, None if cu_seqlens is not None else length, gate_bias)
     return _from_rows(o, batch, length, minor), state
 
 
@@ -1089,3 +1138,4 @@ chunk_regla_triton.supports_cu_seqlens = True
 chunk_regla_triton.computes_key_max = True
 chunk_regla_triton.optional_final_state = True
 chunk_regla_triton.supports_low_memory = True
+chunk_regla_triton.supports_gate_bias = True

@@ -176,10 +176,10 @@ def chunk_bwd_dv_fast_kernel(
 @triton.jit
 def chunk_bwd_dqk_fast_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, u_ptr, b_ptr, flag_ptr, kmax_ptr, qmax_ptr, da_ptr, h_ptr, hadd_ptr, hdecay_ptr,
-    dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dq_ptr, dk_ptr, dz_ptr, du_ptr, table_ptr, cu_ptr, scale, spill,
+    dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dq_ptr, dk_ptr, dz_ptr, du_ptr, table_ptr, cu_ptr, scale, spill, bias_ptr,
     H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, Z_T, Z_N, Z_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, HAS_HADD: tl.constexpr, HAS_DHADD: tl.constexpr,
-    GS: tl.constexpr, QS: tl.constexpr, IN_GRADS: tl.constexpr,
+    GS: tl.constexpr, QS: tl.constexpr, IN_GRADS: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """dq, dk and both gate-logit gradients of one safe chunk, one head, BK key features
     (every one of them is separable over the key features once dA is known: it is read from
@@ -242,4 +242,6 @@ def chunk_bwd_dqk_fast_kernel(
         tl.store(dk_ptr + rows[:, None] * (QS * DK) + cols, (dk_scores + dk_end).to(dk_ptr.dtype.element_ty), mask=mask[:, None])
 
         zrows = input_rows(start + rc, n, head, Z_T, Z_N, Z_H)
-        store_gate_grads(dq - dk_scores, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, zrows, rows, mask, rk, DK, GS)
+        store_gate_grads(
+            dq - dk_scores, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, zrows, rows, mask, rk, DK, GS, bias_ptr, head, HAS_BIAS,
+        )

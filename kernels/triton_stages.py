@@ -303,9 +303,16 @@ def load_state(
 
 
 @triton.jit
+def load_logit_bias(bias_ptr, head, cols, DK: tl.constexpr):
+    """(gate-logit bias, refine-logit bias) [len(cols)] fp32 of one head (bias: fp32 [H, 2 DK],
+    each head's [b_g | b_r], `chunk_regla(gate_bias=...)`)."""
+    return tl.load(bias_ptr + head * 2 * DK + cols), tl.load(bias_ptr + head * 2 * DK + DK + cols)
+
+
+@triton.jit
 def store_gate_grads(
     score_terms, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, zrows, rows, mask, cols, DK: tl.constexpr,
-    GS: tl.constexpr,
+    GS: tl.constexpr, bias_ptr, head, HAS_BIAS: tl.constexpr,
 ):
     """dz, du of one chunk ([C, len(cols)] each, stored) from d log F_t =
         sum_{t' >= t} score_terms_{t'}      (phi_q dQ - phi_k dK of the intra-chunk scores),
@@ -313,11 +320,16 @@ def store_gate_grads(
       + exp(b_end) g_h                      (the start state: g_h = rowsum(h * dh)),
     both running sums in one scan. GS: the row stride of dz and du in rows of DK, 1 (each
     contiguous) or 2 (a 16-bit gate arena over b, `triton_chunk._gate_arena`: du_ptr = dz_ptr +
-    DK). The program writes over no b but what it read (`gate_slots`), after a barrier."""
+    DK). The program writes over no b but what it read (`gate_slots`), after a barrier. HAS_BIAS:
+    the logits' bias added first (`load_logit_bias`)."""
     step = score_terms - dk_end  # one scan for both sums
     d_log_f = (tl.sum(score_terms, axis=0) + tl.exp(b_end) * g_h)[None, :] + step - tl.cumsum(step, axis=0)
     z = tl.load(z_ptr + zrows[:, None] + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
     u = tl.load(u_ptr + zrows[:, None] + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        z_bias, u_bias = load_logit_bias(bias_ptr, head, cols, DK)
+        z += z_bias[None, :]
+        u += u_bias[None, :]
     dz_coef, du_coef = refined_log_gate_grad_tl(z, u)
     dz = (d_log_f * dz_coef).to(dz_ptr.dtype.element_ty)
     du = (d_log_f * du_coef).to(du_ptr.dtype.element_ty)
@@ -351,14 +363,15 @@ def sub_chunk_scores(
 
 @triton.jit
 def chunk_gates_kernel(
-    z_ptr, u_ptr, k_ptr, b_ptr, bend_ptr, flag_ptr, kmax_ptr, work_ptr, table_ptr, cu_ptr,
+    z_ptr, u_ptr, k_ptr, b_ptr, bend_ptr, flag_ptr, kmax_ptr, work_ptr, table_ptr, cu_ptr, bias_ptr,
     H, R_T, R_N, S_T, S_N, S_H, Z_T, Z_N, Z_H, DK: tl.constexpr, C: tl.constexpr, LIMIT: tl.constexpr,
-    KEY_MAX: tl.constexpr, STAGES: tl.constexpr, WORK: tl.constexpr,
+    KEY_MAX: tl.constexpr, STAGES: tl.constexpr, WORK: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """One chunk, one head, token by token: b = cumulative log F from the chunk start (fp32,
     valid rows), the chunk's total log decay b_end (fp32 [DK]) and the flag of
     `chunk_fast_flag` (int8). With KEY_MAX also the key max: the chunk's max of k joins its
-    sequence's entry of kmax (fp32 [N, H], -inf before) by an atomic max. With WORK a flag-0
+    sequence's entry of kmax (fp32 [N, H], -inf before) by an atomic max. HAS_BIAS: the logits'
+    bias added first (`load_logit_bias`). With WORK a flag-0
     chunk joins the sub-chunk kernels' work list (`slow_chunks_kernel`'s layout, count 0 before),
     which then needs no launch of its own.
 
@@ -374,11 +387,16 @@ def chunk_gates_kernel(
     b = tl.zeros([DK], dtype=tl.float32)
     b_ref = tl.zeros([DK], dtype=tl.float32)
     k_max = tl.full([DK], float("-inf"), tl.float32)
+    if HAS_BIAS:
+        z_bias, u_bias = load_logit_bias(bias_ptr, head, rk, DK)
     for t in tl.range(0, tl.minimum(eos - start, C), num_stages=STAGES):
         tok = start + t
         zcols = input_rows(tok, n, head, Z_T, Z_N, Z_H) + rk
         z = tl.load(z_ptr + zcols).to(tl.float32)
         u = tl.load(u_ptr + zcols).to(tl.float32)
+        if HAS_BIAS:
+            z += z_bias
+            u += u_bias
         b += refined_log_gate_tl(z, u)
         tl.store(b_ptr + token_rows(tok, n, head, R_T, R_N) * DK + gate_slots(rk, DK), b)
         b_ref = tl.where(t < C // 2, b, b_ref)  # b at row C/2 - 1, or at the last row of a shorter chunk
@@ -541,9 +559,9 @@ def chunk_bwd_dstates_kernel(
 def chunk_bwd_main_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, u_ptr, b_ptr, flag_ptr, kmax_ptr, h_ptr, hadd_ptr, hdecay_ptr,
     dh_ptr, dhadd_ptr, dhdecay_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, dz_ptr, du_ptr, table_ptr, cu_ptr, work_ptr, scale, spill,
-    H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, Z_T, Z_N, Z_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+    bias_ptr, H, R_T, R_N, S_T, S_N, S_H, V_T, V_N, V_H, Z_T, Z_N, Z_H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
     S: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, DIAG_LIMIT: tl.constexpr, HAS_HADD: tl.constexpr,
-    HAS_DHADD: tl.constexpr, GS: tl.constexpr, QS: tl.constexpr, IN_GRADS: tl.constexpr,
+    HAS_DHADD: tl.constexpr, GS: tl.constexpr, QS: tl.constexpr, IN_GRADS: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """All input gradients of the chunks of the work list (flag 0, `slow_chunks_kernel`), one
     (chunk, head) at a time per program, from h (state at the chunk start, `state_offsets`) and dh
@@ -657,4 +675,4 @@ def chunk_bwd_main_kernel(
         D -= dK
 
         zrows = input_rows(start + rc, n, head, Z_T, Z_N, Z_H)
-        store_gate_grads(D, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, zrows, rows, mask, rk, DK, GS)
+        store_gate_grads(D, dk_end, g_h, b_end, z_ptr, u_ptr, dz_ptr, du_ptr, zrows, rows, mask, rk, DK, GS, bias_ptr, head, HAS_BIAS)

@@ -150,6 +150,7 @@ def test_refined_gate_is_the_spec_formula_and_bounded():
         (lambda a: a.update(backend="cuda-magic"), "unknown backend"),
         (lambda a: a.update(cu_seqlens=torch.tensor([0, 3, 9])), "batch must be 1"),
         (lambda a: a.update(low_memory="yes"), "low_memory='yes'"),
+        (lambda a: a.update(gate_bias=torch.zeros(2, 8)), r"gate_bias must be \[H, 2 dk\] = \[2, 16\]"),
     ],
 )
 def test_bad_input_names_the_problem(change, message):
@@ -182,3 +183,19 @@ def test_split_features_gradient_equals_torch_split():
     assert torch.equal(got[..., 8:16], torch.zeros(6, 3, 2, 8, dtype=torch.float64))
     with pytest.raises(ValueError, match="sum to 19"):
         regla_kernels.split_features(x, [8, 8, 3])
+
+
+@pytest.mark.parametrize("backend", ["torch", "naive"])
+def test_gate_bias_equals_biased_logits(backend):
+    """chunk_regla(gate_bias=b) is the layer on gate_logits + b_g, refine_logits + b_r (each head's
+    [b_g | b_r]), the bias's gradient that of the biased logits summed over tokens."""
+    q, k, v, z, u, s = random_inputs(2, 9, 2, 8, 4)
+    bias = torch.randn(2, 16, dtype=torch.float64, requires_grad=True)
+    o, _ = chunk_regla(q, k, v, z, u, gate_bias=bias, backend=backend)
+    zb, ub = (z + bias[:, :8]).detach().requires_grad_(True), (u + bias[:, 8:]).detach().requires_grad_(True)
+    want, _ = chunk_regla(q, k, v, zb, ub, backend=backend)
+    weight = torch.randn(o.shape, dtype=torch.float64)
+    (o * weight).sum().backward()
+    (want * weight).sum().backward()
+    assert torch.allclose(o, want, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(bias.grad, torch.cat([zb.grad.sum((0, 1)), ub.grad.sum((0, 1))], -1), rtol=1e-10, atol=1e-12)

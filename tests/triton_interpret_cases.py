@@ -472,20 +472,23 @@ def test_low_memory_backward_over_windows(batch, length, windows, fast_limit, mo
     _compare(inputs, bound=2e-5)
 
 
+@pytest.mark.parametrize("in_grads, starts", [(False, True), (True, True), (True, False)])
 @pytest.mark.parametrize("batch, length, heads", [(32, 2048, 16), (8, 8192, 16), (2, 32768, 16), (1, 640, 2), (64, 128, 4)])
-def test_window_count_keeps_the_memory_rule(batch, length, heads, launch):
-    """backward_windows = 0: the fewest windows whose buffers and start states stay within
-    window_memory_fraction of the outputs (one window fewer would not), or where none does, the
-    count with the fewest bytes; never more windows than chunks."""
+def test_window_count_keeps_the_memory_rule(batch, length, heads, in_grads, starts, launch):
+    """backward_windows = 0: the fewest windows whose buffers (and start states, where the windows
+    compute h again) stay within window_memory_fraction of the outputs (one window fewer would
+    not), or where none does, the count with the fewest bytes; never more windows than chunks.
+    For each accounting the low-memory modes use: h apart (fp16, packed), h in the gradient arena
+    computed again per window (True), kept from the forward ("backward")."""
     import math
 
     d, dtype = 128, torch.bfloat16
     chunks = math.ceil(length / launch.CHUNK_SIZE)
     launch.LAUNCH.update(backward_windows=0)
-    windows = math.ceil(chunks / launch._window_chunks(batch, chunks, heads, d, d, dtype, batch * length))
+    windows = math.ceil(chunks / launch._window_chunks(batch, chunks, heads, d, d, dtype, batch * length, in_grads, starts))
     assert 1 <= windows <= min(16, chunks)
     budget = launch.LAUNCH["window_memory_fraction"] * batch * length * heads * 6 * d * 2
-    cost = lambda w: launch._window_bytes(w, batch, chunks, heads, d, d, dtype)
+    cost = lambda w: launch._window_bytes(w, batch, chunks, heads, d, d, dtype, in_grads, starts)
     if cost(windows) <= budget:
         assert windows == 1 or cost(windows - 1) > budget
     else:
@@ -709,10 +712,16 @@ def _states_route(route):
         "packed": (1, 198, 2, 64, 64, packed, False),
         "low memory": (2, 150, 2, 64, 64, None, True),
         "low memory keeping b and h": (2, 150, 2, 64, 64, None, "backward"),
+        "megatron order": (2, 150, 2, 64, 128, None, False),
+        "megatron order, low memory": (2, 150, 2, 64, 64, None, True),
     }[route]
 
 
-@pytest.mark.parametrize("route", ["one pass", "two key blocks", "one h row per token", "packed", "low memory", "low memory keeping b and h"])
+@pytest.mark.parametrize(
+    "route",
+    ["one pass", "two key blocks", "one h row per token", "packed", "low memory", "low memory keeping b and h", "megatron order",
+     "megatron order, low memory"],
+)
 def test_states_in_the_gradient_arena(route, launch):
     """Where h fits (fp32, dk a multiple of GATE_BLOCK, dv = GATE_BLOCK or twice it) the chunk-start
     states live in the dq/dk gradient arena (`_GradArena`): the forward keeps them there and the
@@ -720,7 +729,8 @@ def test_states_in_the_gradient_arena(route, launch):
     or kept). Both kernel paths (fast_limit 17), shorter last chunks (the spill), packed sequences
     with an empty and a one-token one, two key blocks: outputs and every gradient against the fp64
     recurrence; the low-memory modes bit for bit the one-pass backward's; a second backward
-    through the same graph (the first overwrote h) bit for bit the first's."""
+    through the same graph (the first overwrote h) bit for bit the first's. Megatron order: the
+    inputs as [s, b] memory seen as [b, s] (the gradients' rows in that order too)."""
     from regla_kernels import chunk_regla
 
     batch, length, heads, dk, dv, cu, low_memory = _states_route(route)
@@ -731,20 +741,25 @@ def test_states_in_the_gradient_arena(route, launch):
     try:
         sequences = None if cu is None else cu.numel() - 1
         inputs = _inputs(batch, length, heads, dk, dv, sequences=sequences, logit_scale=1.0, seed=71)
+        if route.startswith("megatron order"):  # [s, b] memory seen as [b, s]
+            inputs = [x.transpose(0, 1).contiguous().transpose(0, 1) for x in inputs[:5]] + inputs[5:]
         if low_memory:
             _low_memory_equals_one_pass(inputs, cu, low_memory)
-        leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+        leaves = [x.detach().clone().requires_grad_(True) if x.dim() < 4 else x.detach().requires_grad_(True) for x in inputs]
+        made.clear()
         o, state = chunk_regla(
             *leaves[:5], initial_state=leaves[5], cu_seqlens=cu, output_final_state=True, backend="triton", low_memory=low_memory,
         )
+        gen = torch.Generator().manual_seed(99)
+        w_o, w_s = (torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in (o, state))
+        loss = (o.double() * w_o).sum() + (state.double() * w_s).sum()
+        first = torch.autograd.grad(loss, leaves, retain_graph=True)
+        second = torch.autograd.grad(loss, leaves)
     finally:
         launch._grad_arena = grad_arena
     assert made, "h did not go to the gradient arena"
-    gen = torch.Generator().manual_seed(99)
-    w_o, w_s = (torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in (o, state))
-    loss = (o.double() * w_o).sum() + (state.double() * w_s).sum()
-    first = torch.autograd.grad(loss, leaves, retain_graph=True)
-    second = torch.autograd.grad(loss, leaves)
+    if route.startswith("megatron order"):
+        assert launch._batch_minor(leaves[0]) and first[2].transpose(0, 1).is_contiguous()
     for name, a, again in zip(NAMES[2:], first, second):
         assert torch.equal(a, again), name
     # the fp64 recurrence, without the empty sequence (it takes none; its state passes through)
@@ -761,11 +776,17 @@ def test_states_in_the_gradient_arena(route, launch):
 
 def test_states_stay_apart_where_they_do_not_fit(launch):
     """fp16 keeps fp32 states (twice the gradients' bytes), dv = 16 and dk = 32 key blocks have no
-    room: h keeps a buffer of its own there."""
+    room: h keeps a buffer of its own there; so do packed sequences whose spill (one state per
+    sequence, all of them where one has a shorter last chunk) would outgrow h (one per chunk)."""
     assert launch._states_fit_grads(64, 64, torch.float32) and launch._states_fit_grads(128, 128, torch.bfloat16)
     assert not launch._states_fit_grads(64, 64, torch.float16)
     assert not launch._states_fit_grads(64, 16, torch.float32)
     assert not launch._states_fit_grads(32, 64, torch.float32)
+    q, v = torch.zeros(1, 10, 2, 64), torch.zeros(1, 10, 2, 64)
+    many_empty = torch.tensor([0, 0, 0, 0, 10], dtype=torch.int32)
+    assert launch._arena_spilled(q, v, many_empty, 1, None) is None
+    assert launch._arena_spilled(q, v, torch.tensor([0, 10], dtype=torch.int32), 1, None) == 1
+    assert launch._arena_spilled(q, v, torch.tensor([0, 128], dtype=torch.int32), 2, 128) == 0
 
 
 @pytest.mark.parametrize("d", [16, 128])
@@ -781,6 +802,51 @@ def test_row_copy_kernel_copies_strided_rows(d):
     rows._copy_rows_kernel[(triton.cdiv(37, 8),)](src, dst[:, d:], 37, src.stride(0), dst.stride(0), D=d, BLOCK_ROWS=8)
     assert torch.equal(dst[:, d : 2 * d], src)
     assert not dst[:, :d].any() and not dst[:, 2 * d :].any()
+
+
+@pytest.mark.parametrize(
+    "dk, dv, lengths, low_memory", [(64, 64, None, False), (32, 16, None, True), (64, 64, None, "backward"), (32, 16, [37, 63, 50], False)]
+)
+def test_gate_bias_inside_the_kernels(dk, dv, lengths, low_memory, launch):
+    """chunk_regla(gate_bias=...) on the Triton path: the bias goes into the kernels (no biased
+    copy of the logits), through both kernel paths, the low-memory windows, packed sequences and
+    a second backward; outputs and every gradient, the bias's included, against the fp64
+    recurrence on biased logits."""
+    launch.LAUNCH.update(fast_limit=17.0, backward_windows=2, gate_bias_in_kernels=True)
+    cu = None if lengths is None else torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    batch, length = (2, 150) if lengths is None else (1, sum(lengths))
+    inputs = _inputs(batch, length, 2, dk, dv, sequences=None if cu is None else len(lengths), logit_scale=1.0, seed=81)
+    bias = torch.randn(2, 2 * dk, generator=torch.Generator().manual_seed(82))
+    seen = []
+    kernel_bias = launch._kernel_bias
+    launch._kernel_bias = lambda b: seen.append(b) or kernel_bias(b)
+    try:
+        got = _run_with_bias("triton", inputs, bias, cu, low_memory)
+    finally:
+        launch._kernel_bias = kernel_bias
+    assert seen and seen[0] is not None, "the bias did not reach the kernels"
+    ref = _run_with_bias("naive", [x.double() for x in inputs], bias.double(), cu, False)
+    for name, a, b in zip(NAMES + ["dbias"], got, ref):
+        assert ((a.double() - b).norm() / b.norm()).item() < 2e-5, name
+
+
+def _run_with_bias(backend, inputs, bias, cu, low_memory):
+    """o, the final state and every gradient (inputs, initial state, bias) of a fixed random
+    projection, the gradients twice (retain_graph) and asserted equal."""
+    from regla_kernels import chunk_regla
+
+    leaves = [x.detach().clone().requires_grad_(True) for x in (*inputs, bias)]
+    o, state = chunk_regla(
+        *leaves[:5], initial_state=leaves[5], gate_bias=leaves[6], cu_seqlens=cu, output_final_state=True, backend=backend,
+        low_memory=low_memory,
+    )
+    gen = torch.Generator().manual_seed(99)
+    loss = (o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum()
+    loss = loss + (state.double() * torch.randn(state.shape, generator=gen, dtype=torch.float64)).sum()
+    first = torch.autograd.grad(loss, leaves, retain_graph=True)
+    for index, (a, again) in enumerate(zip(first, torch.autograd.grad(loss, leaves))):
+        assert torch.equal(a, again), index
+    return [o.detach(), state.detach(), *first]
 
 
 def test_unsupported_shapes_and_dtypes_name_the_limit(launch):
