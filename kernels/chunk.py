@@ -5,7 +5,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 
 from .chunk_torch import chunk_regla_torch
-from .gating import default_scale, sequence_key_max
+from .gating import add_gate_bias, default_scale, sequence_key_max
 from .naive import naive_recurrent_regla
 
 BACKENDS = ("auto", "triton", "torch", "naive")
@@ -150,7 +150,7 @@ def chunk_regla(
     if gate_bias is not None and getattr(function, "supports_gate_bias", False) and packed_whole:
         options["gate_bias"] = gate_bias
     elif gate_bias is not None:
-        gate_logits, refine_logits = gate_logits + gate_bias[:, :dk], refine_logits + gate_bias[:, dk:]
+        gate_logits, refine_logits = add_gate_bias(gate_logits, refine_logits, gate_bias)
     if cu_seqlens is not None and getattr(function, "supports_cu_seqlens", False):
         o, state = function(q, k, v, gate_logits, refine_logits, scale, key_max, initial_state, cu_seqlens=cu_seqlens, **options)
     else:

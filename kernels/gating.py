@@ -18,6 +18,13 @@ def default_scale(head_dim_k: int) -> float:
     return 1.0 / (e * math.sqrt(head_dim_k * (e * e - 1.0)))
 
 
+def add_gate_bias(gate_logits: torch.Tensor, refine_logits: torch.Tensor, gate_bias: torch.Tensor):
+    """(gate_logits + b_g, refine_logits + b_r): logits [..., H, dk], gate_bias [H, 2 dk], each
+    head's [b_g | b_r] (`chunk_regla(gate_bias=...)`)."""
+    dk = gate_logits.shape[-1]
+    return gate_logits + gate_bias[:, :dk], refine_logits + gate_bias[:, dk:]
+
+
 def refined_log_gate(gate_logits: torch.Tensor, refine_logits: torch.Tensor) -> torch.Tensor:
     """log F of the refined forget gate, computed entirely in log space.
 

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gating import refined_log_gate
+from .gating import add_gate_bias, refined_log_gate
 from .triton_fast import chunk_bwd_dqk_fast_kernel, chunk_bwd_dv_fast_kernel, chunk_fwd_output_fast_kernel
 from .triton_stages import (
     GATE_BLOCK,
@@ -209,20 +209,17 @@ class _GradArena(NamedTuple):
     no memory of its own, 0.54 GB at the record shape (bf16, 64K tokens, H 16, d 128). buffer:
     flat, a row of 2 dk per token and head (dq's row, then dk's; [T, H, 2, dk]), then the states
     of each sequence's last, shorter chunk from element `spill` on ([N, H, dk, dv], where some
-    sequence has one). dq, dk: [T, H, dk] views (flat [rows, dk] ones after `from_row`). At
-    dv = 2 C the arena is as large as the h it holds; at dv = C twice as large, so a forward that
-    keeps it keeps dq and dk's size, not h's."""
+    sequence has one); dq and dk are views of it (`_grad_arena_of`). At dv = 2 C the arena is as
+    large as the h it holds; at dv = C twice as large, so a forward that keeps it keeps dq and
+    dk's size, not h's."""
 
     buffer: torch.Tensor
     spill: int
-    dq: torch.Tensor
-    dk: torch.Tensor
 
-    def from_row(self, first_row: int) -> "_GradArena":
+    def from_row(self, first_row: int, dk: int) -> "_GradArena":
         """The arena as the kernels of a window address it: pointers at row `first_row`."""
-        cut = first_row * 2 * self.dq.shape[-1]
-        rows = lambda x: x.flatten(0, -2)[first_row:]
-        return _GradArena(self.buffer[cut:], self.spill - cut, rows(self.dq), rows(self.dk))
+        cut = first_row * 2 * dk
+        return _GradArena(self.buffer[cut:], self.spill - cut)
 
 
 def _states_fit_grads(dk: int, dv: int, dtype: torch.dtype) -> bool:
@@ -240,19 +237,21 @@ def _states_fit_grads(dk: int, dv: int, dtype: torch.dtype) -> bool:
     )
 
 
-def _grad_arena(tokens: int, heads: int, dk: int, dv: int, spilled_sequences: int, dtype, device) -> _GradArena:
-    """A `_GradArena` of `tokens` tokens with room for the states of `spilled_sequences` sequences'
-    last, shorter chunks (all sequences where any has one: the kernels index the spill by sequence)."""
+def _grad_arena(tokens: int, heads: int, dk: int, dv: int, spilled_sequences: int, dtype, device):
+    """(arena, dq, dk): a `_GradArena` of `tokens` tokens with room for the states of
+    `spilled_sequences` sequences' last, shorter chunks (all sequences where any has one: the
+    kernels index the spill by sequence), as `_grad_arena_of` gives it."""
     rows = tokens * heads * 2 * dk
     buffer = _empty(rows + spilled_sequences * heads * dk * dv, device=device, dtype=dtype)
     return _grad_arena_of(buffer, tokens, heads, dk)
 
 
-def _grad_arena_of(buffer: torch.Tensor, tokens: int, heads: int, dk: int) -> _GradArena:
-    """The `_GradArena` of a buffer `_grad_arena` made (a saved tensor back in the backward)."""
+def _grad_arena_of(buffer: torch.Tensor, tokens: int, heads: int, dk: int):
+    """(arena, dq, dk) of a buffer `_grad_arena` made (also a saved tensor back in the backward):
+    the `_GradArena` and its dq and dk, [T, H, dk] views."""
     rows = tokens * heads * 2 * dk
     pairs = buffer[:rows].view(tokens, heads, 2, dk)
-    return _GradArena(buffer, rows, pairs[:, :, 0], pairs[:, :, 1])
+    return _GradArena(buffer, rows), pairs[:, :, 0], pairs[:, :, 1]
 
 
 def _state_args(h) -> Tuple[torch.Tensor, int, bool]:
@@ -532,8 +531,8 @@ def _bwd_main(
     dh_add, dh_decay, dh_reach, has_dh_add = _carried(dh_carry, b)
     dq, dk_, dv_, dz, du = out
     bk = min(dk, LAUNCH["fast_dqk_block_k"])
-    gate_stride = _gate_grad_stride(dz, du)
-    grad_stride = _gate_grad_stride(dq, dk_)
+    gate_stride = _pair_stride(dz, du)
+    grad_stride = _pair_stride(dq, dk_)
     _check_key_block(bk, dk, "fast_dqk_block_k", over_b=gate_stride == 2)
     h, spill, in_grads = _state_args(h)
     if in_grads and (dq.data_ptr() != h.data_ptr() or grad_stride != 2 or bk != GATE_BLOCK.value):
@@ -570,15 +569,16 @@ def _bwd_main(
     return dq, dk_, dv_, dz, du
 
 
-def _gate_grad_stride(dz: torch.Tensor, du: torch.Tensor) -> int:
-    """The kernels' GS (QS) for these gate-gradient (dq and dk) buffers ([rows, dk] views): 1
-    (contiguous rows each) or 2 (a 16-bit `_gate_arena` over b, a `_GradArena`: rows alternate)."""
-    dk = dz.shape[-1]
-    if dz.stride(-2) == du.stride(-2) == dk:
+def _pair_stride(first: torch.Tensor, second: torch.Tensor) -> int:
+    """The kernels' GS or QS for a pair of gradient buffers ([rows, dk] views: dz and du, or dq and
+    dk): 1 (contiguous rows each) or 2 (one buffer whose rows alternate: a 16-bit `_gate_arena`
+    over b, a `_GradArena`)."""
+    dk = first.shape[-1]
+    if first.stride(-2) == second.stride(-2) == dk:
         return 1
-    if dz.stride(-2) == du.stride(-2) == 2 * dk and du.data_ptr() == dz.data_ptr() + dk * dz.element_size():
+    if first.stride(-2) == second.stride(-2) == 2 * dk and second.data_ptr() == first.data_ptr() + dk * first.element_size():
         return 2
-    raise ValueError(f"Triton ReGLA kernels: gate-gradient rows of strides {dz.stride(-2)}, {du.stride(-2)} are not a layout they write")
+    raise ValueError(f"Triton ReGLA kernels: gradient rows of strides {first.stride(-2)}, {second.stride(-2)} are not a layout they write")
 
 
 def _batch_minor(x: torch.Tensor) -> bool:
@@ -664,11 +664,11 @@ def _arena_spilled(q, v, cu, total: int, length: Optional[int]) -> Optional[int]
     return None if spilled > total else spilled
 
 
-def _states_arena(q, v, cu, total: int, length: Optional[int]) -> Optional[_GradArena]:
-    """A `_GradArena` for q's and v's shapes where h fits one (`_arena_spilled`), else None."""
-    spilled = _arena_spilled(q, v, cu, total, length)
+def _states_arena(q, v, spilled: Optional[int]):
+    """(arena, dq, dk) of `_grad_arena` for q's and v's shapes with `spilled` spilled sequences
+    (`_arena_spilled`), or (None, None, None) where that is None (h does not fit one)."""
     if spilled is None:
-        return None
+        return None, None, None
     tokens, heads, dk = _dims(q)
     return _grad_arena(tokens, heads, dk, v.shape[-1], spilled, q.dtype, q.device)
 
@@ -681,26 +681,25 @@ def _kept_states(ctx, buffer, q, k, v, b, key_max, h0, cu, offsets, total, order
     tokens, heads, dk = _dims(q)
     if buffer is not None and not getattr(ctx, "states_spent", False):
         ctx.states_spent = True
-        arena = _grad_arena_of(buffer, tokens, heads, dk)
-        return arena, arena.dq, arena.dk
-    fresh = None if buffer is None else _empty(buffer.numel(), device=buffer.device, dtype=buffer.dtype)
-    into = None if fresh is None else _grad_arena_of(fresh, tokens, heads, dk)
-    h, _ = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, False, order=order, into=into)
-    if into is not None:
-        return into, into.dq, into.dk
-    return h, _grad_rows(q), _grad_rows(k)
+        return _grad_arena_of(buffer, tokens, heads, dk)
+    if buffer is None:
+        h, _ = _fwd_states(k, v, b, key_max, h0, cu, offsets, total, False, order=order)
+        return h, _grad_rows(q), _grad_rows(k)
+    into, dq, dk_ = _grad_arena_of(_empty(buffer.numel(), device=buffer.device, dtype=buffer.dtype), tokens, heads, dk)
+    _fwd_states(k, v, b, key_max, h0, cu, offsets, total, False, order=order, into=into)
+    return into, dq, dk_
 
 
 class _ChunkReGLATriton(torch.autograd.Function):
     """q, k, v, z, u [B, T, H, D]; o as [B * T, H, dv] in `_row_order` (Megatron's [s, b] order
     when `minor`), the input gradients as [B, T, H, D] views of that order. The forward keeps b
-    (`_gate_arena`) and, where it fits one, h (`_GradArena`; `length`: the sequences' length, None
-    with packed ones, for its spill) for the backward, which then needs no state pass but the
-    state gradients' (else it computes h again first)."""
+    (`_gate_arena`) and, where it fits one, h (`_GradArena`; `spilled`: `_arena_spilled`) for the
+    backward, which then needs no state pass but the state gradients' (else it computes h again
+    first)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, length, gate_bias):
-        into = _states_arena(q, v, cu, total, length)
+    def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, spilled, gate_bias):
+        into, _, _ = _states_arena(q, v, spilled)
         bias = _kernel_bias(gate_bias)
         o, ht, arena, flags, key_max, h, q_max, work = _forward(
             q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, into=into, bias=bias,
@@ -828,11 +827,11 @@ class _ChunkReGLATritonWindowed(torch.autograd.Function):
     states again)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, window_chunks, keep_gates, length, gate_bias):
+    def forward(ctx, q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total, minor, window_chunks, keep_gates, spilled, gate_bias):
         batch, heads, dk, dv = q.shape[0], q.shape[2], q.shape[3], v.shape[-1]
         windows = -(-(total // batch) // window_chunks)
-        ctx.spilled = _arena_spilled(q, v, cu, total, length)
-        kept = _states_arena(q, v, cu, total, length) if keep_gates else None
+        ctx.spilled = spilled
+        kept = _states_arena(q, v, spilled)[0] if keep_gates else None
         starts = None
         if kept is None:
             starts = _empty(windows - 1, batch, heads, dk, dv, device=q.device, dtype=_state_dtype(q.dtype))
@@ -861,8 +860,7 @@ class _ChunkReGLATritonWindowed(torch.autograd.Function):
         if states_kept:  # the forward's h (or, in a second backward, h computed again whole)
             grad_arena, dq, dk_ = _kept_states(ctx, states, q, k, v, arena[0], key_max, h0, cu, offsets, total, order)
         elif ctx.spilled is not None:  # each window computes its h into its rows of a new arena
-            grad_arena = _grad_arena(batch * length, heads, dk, v.shape[-1], ctx.spilled, q.dtype, q.device)
-            dq, dk_ = grad_arena.dq, grad_arena.dk
+            grad_arena, dq, dk_ = _states_arena(q, v, ctx.spilled)
         else:
             grad_arena, dq, dk_ = None, _grad_rows(q), _grad_rows(k)
         grads = [dq, dk_, _grad_rows(v), *arena[1:]]
@@ -879,7 +877,7 @@ class _ChunkReGLATritonWindowed(torch.autograd.Function):
                 key_max, h0 if index == 0 or states_kept else starts[index - 1], dstate, ctx.scale,
                 _regular_tables(batch, window, q.device), _window_order(batch, length, window, heads, ctx.minor), window_flags,
                 dh_start=dstate if not last and dstate is not None else None,
-                states=None if grad_arena is None else grad_arena.from_row(first * row_t), states_kept=states_kept, bias=bias,
+                states=None if grad_arena is None else grad_arena.from_row(first * row_t, dk), states_kept=states_kept, bias=bias,
             )
         grads = [_from_rows(g, batch, length, ctx.minor) for g in grads]
         dinit = None if h0 is None else dstate.to(ctx.h0_dtype)
@@ -995,9 +993,9 @@ def _window_backward(
     here, into the window's rows of b (the gate arena), and the flags with it. Returns the state gradient
     at each sequence's start in the window (fp32 [N, H, dk, dv]), written into `dh_start` when
     given (which may be dht itself: each state-pass program reads its block of dht before it
-    writes that block). `bias`: as in `_gates`. `states`: the gradient arena (`_GradArena`, pointers at the window's first
-    row) whose dq and dk are the rows' and that holds the window's h (`states_kept`) or receives it
-    here; None: h in a buffer of its own, computed here."""
+    writes that block). `bias`: as in `_gates`. `states`: the gradient arena (`_GradArena`,
+    pointers at the window's first row) whose dq and dk are the rows' and that holds the window's
+    h (`states_kept`) or receives it here; None: h in a buffer of its own, computed here."""
     q, k, v, z, u = inputs
     do, q_max, b, *grads = rows
     cu, offsets, table, total = tables
@@ -1101,7 +1099,7 @@ def chunk_regla_triton(
     segments = 1 if cu_seqlens is not None or output_final_state or low_memory else _segments_per_sequence(batch, heads, dk, dv, length)
     if gate_bias is not None and (segments > 1 or not LAUNCH["gate_bias_in_kernels"]):
         # added first: the segments path takes no bias of its own (and see LAUNCH)
-        gate_logits, refine_logits = gate_logits + gate_bias[:, :dk], refine_logits + gate_bias[:, dk:]
+        gate_logits, refine_logits = add_gate_bias(gate_logits, refine_logits, gate_bias)
         gate_bias = None
     if segments > 1:
         return _by_segments(q, k, v, gate_logits, refine_logits, scale, key_max, initial_state, segments), None
@@ -1124,13 +1122,15 @@ def chunk_regla_triton(
         windows = _packed_windows(cu, offsets, total, _window_chunks(1, total, heads, dk, dv, dtype, length))
         o, state = _ChunkReGLATritonPackedWindowed.apply(*args, windows, keep_gates, gate_bias)
     elif low_memory and total > 0:
-        in_grads = _arena_spilled(q, v, cu, total, length) is not None
+        spilled = _arena_spilled(q, v, cu, total, length)
+        in_grads = spilled is not None
         window_chunks = _window_chunks(
             batch, total // batch, heads, dk, dv, dtype, batch * length, in_grads, starts=not (in_grads and keep_gates),
         )
-        o, state = _ChunkReGLATritonWindowed.apply(*args, window_chunks, keep_gates, length, gate_bias)
+        o, state = _ChunkReGLATritonWindowed.apply(*args, window_chunks, keep_gates, spilled, gate_bias)
     else:
-        o, state = _ChunkReGLATriton.apply(*args, None if cu_seqlens is not None else length, gate_bias)
+        spilled = _arena_spilled(q, v, cu, total, None if cu_seqlens is not None else length)
+        o, state = _ChunkReGLATriton.apply(*args, spilled, gate_bias)
     return _from_rows(o, batch, length, minor), state
 
 
