@@ -20,9 +20,9 @@ import os
 import torch
 import torch.distributed as dist
 import triton
+from bench_kernels import peak_extra_gb
 from triton.testing import do_bench
 
-from bench_kernels import peak_extra_gb
 from regla_kernels import chunk_regla
 from regla_megatron.context_parallel import context_parallel_regla, get_batch_cp_slice
 

@@ -24,7 +24,8 @@ from triton.testing import do_bench
 
 import regla_kernels
 from regla_kernels import chunk_regla, refined_log_gate
-from regla_kernels import triton_chunk
+from regla_kernels.triton.backend import fast_chunk_mask
+from regla_kernels.triton.settings import LAUNCH
 
 TOKENS, HEADS, DIM = 65536, 16, 128
 
@@ -34,7 +35,8 @@ GATE = {"mean": 2.0, "std": 1.0}  # gate logits z ~ N(mean, std^2); refine logit
 
 def make_inputs(batch, length, with_grad):
     gen = torch.Generator(device="cuda").manual_seed(length)
-    r = lambda s=1.0, b=0.0: (s * torch.randn(batch, length, HEADS, DIM, generator=gen, device="cuda") + b).to(torch.bfloat16).requires_grad_(with_grad)
+    r = lambda s=1.0, b=0.0: (s * torch.randn(batch, length, HEADS, DIM, generator=gen,
+        device="cuda") + b).to(torch.bfloat16).requires_grad_(with_grad)
     return r(), r(), r(), r(GATE["std"], GATE["mean"]), r(), r()
 
 
@@ -98,7 +100,7 @@ def bench(lengths, methods, on_row=None):
         batch = TOKENS // length
         inputs = make_inputs(batch, length, True)
         q, k, v, z, u, _ = inputs
-        row = {"T": length, "B": batch, "fast_chunks": triton_chunk.fast_chunk_mask(z.detach(), u.detach()).float().mean().item()}
+        row = {"T": length, "B": batch, "fast_chunks": fast_chunk_mask(z.detach(), u.detach()).float().mean().item()}
         for method in methods:
             started = time.time()
             try:
@@ -156,7 +158,7 @@ MEASURES = {
 
 # Greedy sweep: each launch setting in turn, its alternatives tried on top of the best so far
 # (an alternative may be a dict: several settings changed together).
-SWEEP = [  # not tried yet (session 5 tried the rest: benchmarks/NOTES_kernels.md, v8)
+SWEEP = [  # launch settings a --sweep run tries (docs/kernels.md: what the committed settings beat)
     ("fast_dv_stages", [2]),
     ("fast_dqk_stages", [2]),
 ]
@@ -167,11 +169,11 @@ def sweep(length=8192, gain=0.01):
     `gain` (relative). Leaves the result in LAUNCH and returns every run."""
     batch = TOKENS // length
     inputs = make_inputs(batch, length, True)
-    best = dict(triton_chunk.LAUNCH)
+    best = dict(LAUNCH)
 
     def timed(settings):
-        triton_chunk.LAUNCH.clear()
-        triton_chunk.LAUNCH.update(settings)
+        LAUNCH.clear()
+        LAUNCH.update(settings)
         return measure(regla_chunk_call, inputs, list(inputs[:5]))[:2]
 
     out = []
@@ -190,8 +192,8 @@ def sweep(length=8192, gain=0.01):
             print(f"sweep {key}={value}: fwd {fwd_ms:.3f} fwd+bwd {fwd_bwd_ms:.3f}{' kept' if kept else ''}", flush=True)
             if kept:
                 best, best_ms = trial, fwd_bwd_ms
-    triton_chunk.LAUNCH.clear()
-    triton_chunk.LAUNCH.update(best)
+    LAUNCH.clear()
+    LAUNCH.update(best)
     print(f"launch settings kept: {best}", flush=True)
     return {"runs": out, "kept": best}
 
@@ -239,7 +241,9 @@ def markdown(meta, rows):
         "triton.testing.do_bench; peak = extra memory of one forward+backward (outputs and gradients included).",
         "fla `chunk_gla` is fed ReGLA's gate precomputed as log F (fp32), the paper's setup.",
         "",
-        "| T | B | ReGLA fwd / fwd+bwd ms | peak GB | fla chunk_gla fwd / fwd+bwd ms | peak GB | SDPA fwd / fwd+bwd ms | peak GB | fwd+bwd vs fla | vs SDPA | ReGLA GB/s fwd / fwd+bwd | ReGLA low_memory fwd / fwd+bwd ms | peak GB | vs fla | low_memory=\"backward\" fwd / fwd+bwd ms | peak GB | vs fla |",
+        "| T | B | ReGLA fwd / fwd+bwd ms | peak GB | fla chunk_gla fwd / fwd+bwd ms | peak GB | SDPA fwd / fwd+bwd ms | peak GB "
+        "| fwd+bwd vs fla | vs SDPA | ReGLA GB/s fwd / fwd+bwd | ReGLA low_memory fwd / fwd+bwd ms | peak GB | vs fla "
+        "| low_memory=\"backward\" fwd / fwd+bwd ms | peak GB | vs fla |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -252,19 +256,20 @@ def markdown(meta, rows):
     lines.append("")
     lines.append(
         "Ratios are ReGLA fwd+bwd time over the other's (lower is better). low_memory: `chunk_regla(..., low_memory=True)` "
-        "(the gate b and the states h computed again per window, neither saved); \"backward\": `low_memory=\"backward\"` (b and h kept from the forward, as by default)."
+        "(the gate b and the states h computed again per window, neither saved); \"backward\": `low_memory=\"backward\"` "
+        "(b and h kept from the forward, as by default)."
     )
     return "\n".join(lines) + "\n"
 
 
 def apply_launch(settings):
-    """KEY=VALUE overrides of triton_chunk.LAUNCH (numbers as in the dict)."""
+    """KEY=VALUE overrides of LAUNCH (numbers as in the dict)."""
     for item in settings or []:
         key, value = item.split("=")
-        if key not in triton_chunk.LAUNCH:
-            raise SystemExit(f"unknown launch setting {key!r}; have {sorted(triton_chunk.LAUNCH)}")
-        kind = type(triton_chunk.LAUNCH[key])
-        triton_chunk.LAUNCH[key] = value == "True" if kind is bool else kind(float(value))
+        if key not in LAUNCH:
+            raise SystemExit(f"unknown launch setting {key!r}; have {sorted(LAUNCH)}")
+        kind = type(LAUNCH[key])
+        LAUNCH[key] = value == "True" if kind is bool else kind(float(value))
 
 
 def main():
@@ -276,21 +281,21 @@ def main():
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-lengths", default="8192", help="lengths the --profile runs at")
     parser.add_argument("--gate", default="2,1", help="gate logit mean,std (default 2,1)")
-    parser.add_argument("--launch", nargs="*", help="KEY=VALUE overrides of regla_kernels.triton_chunk.LAUNCH")
+    parser.add_argument("--launch", nargs="*", help="KEY=VALUE overrides of regla_kernels.triton.settings.LAUNCH")
     args = parser.parse_args()
     apply_launch(args.launch)
     GATE["mean"], GATE["std"] = (float(x) for x in args.gate.split(","))
     meta = versions()
     meta["gate_logits"] = dict(GATE)
-    meta["launch"] = dict(triton_chunk.LAUNCH)
+    meta["launch"] = dict(LAUNCH)
     print(meta, flush=True)
     result = {"meta": meta}
     if args.sweep:
         result["sweep"] = sweep()
-        meta["launch"] = dict(triton_chunk.LAUNCH)
+        meta["launch"] = dict(LAUNCH)
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "kept_launch.txt"), "w") as f:  # --launch arguments of the pick
-            f.write(" ".join(f"{key}={value}" for key, value in triton_chunk.LAUNCH.items()) + "\n")
+            f.write(" ".join(f"{key}={value}" for key, value in LAUNCH.items()) + "\n")
 
     def write(rows):
         result["rows"] = rows
@@ -303,7 +308,8 @@ def main():
     rows = bench([int(x) for x in args.lengths.split(",") if x], [m for m in args.methods.split(",") if m], write)
     if args.profile:
         result["profile"] = {length: profile(int(length)) for length in args.profile_lengths.split(",")}
-        for method, call, tag in (("regla_lm", regla_low_memory_call, "low_memory"), ("regla_lmb", regla_low_memory_backward_call, "low_memory_backward")):
+        for method, call, tag in (("regla_lm", regla_low_memory_call, "low_memory"), ("regla_lmb", regla_low_memory_backward_call,
+            "low_memory_backward")):
             if method in args.methods.split(","):
                 result[f"profile_{tag}"] = {length: profile(int(length), call, f" {tag}") for length in args.profile_lengths.split(",")}
         write(rows)

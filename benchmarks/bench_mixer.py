@@ -8,7 +8,6 @@ passes). Prices the layout copies between Megatron's [s, b, h] and the kernels' 
 """
 
 import argparse
-import os
 import socket
 
 import torch

@@ -10,7 +10,9 @@ import argparse
 import torch
 from triton.testing import do_bench
 
-from regla_kernels import LocalSegmentExchange, chunk_regla, chunk_regla_segments, sequence_key_max, triton_chunk
+from regla_kernels import LocalSegmentExchange, chunk_regla, chunk_regla_segments, sequence_key_max
+from regla_kernels.triton.backend import segments_per_sequence
+from regla_kernels.triton.settings import LAUNCH
 
 HEADS, DIM = 16, 128
 
@@ -36,13 +38,13 @@ def main():
                 *(cut(x) for x in (q, k, v, z, u)), LocalSegmentExchange(segments, slots), key_max=key_max
             )
             row.append(f"{segments} segments / {slots} slots {timed(step, [q, k, v, z, u]):.2f} ms")
-        saved = dict(triton_chunk.LAUNCH)
+        saved = dict(LAUNCH)
         for target in (128, 264, 528):  # chunk_regla's own route (LAUNCH["segment_min_programs"])
-            triton_chunk.LAUNCH.update(segment_min_programs=target, segment_below_programs=target)
-            segments = triton_chunk._segments_per_sequence(1, HEADS, DIM, DIM, tokens)
+            LAUNCH.update(segment_min_programs=target, segment_below_programs=target)
+            segments = segments_per_sequence(1, HEADS, DIM, DIM, tokens)
             auto = timed(lambda: chunk_regla(q, k, v, z, u, backend="triton")[0], [q, k, v, z, u])
             row.append(f"chunk_regla with segment_min_programs={target} ({segments} segments) {auto:.2f} ms")
-        triton_chunk.LAUNCH.update(saved)
+        LAUNCH.update(saved)
         print("; ".join(row), flush=True)
 
 

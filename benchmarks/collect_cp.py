@@ -1,6 +1,6 @@
-"""Results table of benchmarks/bench_cp.py runs: DIR/bench_cp_n*.json -> benchmarks/results_cp.md.
+"""Results table of benchmarks/bench_cp.py runs: DIR/bench_cp_n*.json -> benchmarks/results/context_parallel.md.
 
-    python benchmarks/collect_cp.py DIR [--out benchmarks/results_cp.md]
+    python benchmarks/collect_cp.py DIR [--out benchmarks/results/context_parallel.md]
 """
 
 import argparse
@@ -12,7 +12,7 @@ import os
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("folder")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results_cp.md"))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "context_parallel.md"))
     args = parser.parse_args()
     runs = [json.load(open(path)) for path in sorted(glob.glob(os.path.join(args.folder, "bench_cp_n*.json")))]
     if not runs:
@@ -30,7 +30,8 @@ def main():
         "",
         "Forward overlap: 'yes' rows ran with the forward all-gather per zigzag segment (`--overlap-forward`).",
         "",
-        "| tokens per GPU | CP | forward overlap | CP fwd / fwd+bwd ms | one GPU, same share, fwd / fwd+bwd ms | efficiency fwd+bwd (fwd) | bytes per layer | peak GB |",
+        "| tokens per GPU | CP | forward overlap | CP fwd / fwd+bwd ms | one GPU, same share, fwd / fwd+bwd ms "
+        "| efficiency fwd+bwd (fwd) | bytes per layer | peak GB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:

@@ -2,8 +2,6 @@
 
     python benchmarks/plot_kernels.py OUT_PREFIX run1.json [run2.json ...]
 Later files override earlier ones per (T, method). Writes OUT_PREFIX.json/.md/.png.
-A file name containing "product_diag" has its "regla" rows renamed "regla_product_diag"
-(the diag_limit=40 variant), drawn as its own line and left out of the table.
 """
 
 import json
@@ -18,8 +16,6 @@ def merge(paths):
         data = json.load(open(path))
         metas.append(data["meta"])
         for row in data["rows"]:
-            if "product_diag" in path and "regla" in row:
-                row = {"T": row["T"], "B": row["B"], "regla_product_diag": row["regla"]}
             rows.setdefault(row["T"], {}).update(row)
     meta = dict(metas[-1])
     meta["fla"] = next((m["fla"] for m in metas if m["fla"] != "absent"), "absent")
@@ -37,7 +33,6 @@ def plot(rows, path):
     lengths = [r["T"] for r in rows]
     for key, label in (("regla", "ReGLA Triton"), ("regla_lm", "ReGLA Triton, low_memory=True"),
                        ("regla_lmb", "ReGLA Triton, low_memory=\"backward\""),
-                       ("regla_product_diag", "ReGLA Triton (product diagonal; bwd failed check)"),
                        ("fla", "fla chunk_gla"), ("sdpa", "SDPA (FlashAttention)")):
         points = [(r["T"], r[key][1]) for r in rows if key in r]
         if points:

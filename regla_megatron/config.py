@@ -9,16 +9,13 @@ from typing import Optional
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from .context_parallel import CP_LAYOUTS
+from regla_kernels.limits import CONFIG_BACKENDS, TRITON_MAX_HEAD_DIM, TRITON_MIN_HEAD_DIM, triton_head_dim_supported
+from regla_megatron.context_parallel.layout import CP_LAYOUTS
+from regla_megatron.norms import NORM_TYPES
+from regla_megatron.pattern import REGLA_SYMBOL, validate_regla_pattern
 
-REGLA_SYMBOL = "R"
-SOFTMAX_SYMBOL = "*"
-NORM_TYPES = ("rmsnorm", "layernorm")
-KERNEL_BACKENDS = ("auto", "triton", "torch")
-# The Triton kernels' head-dim limits (regla_kernels.triton_chunk.MIN_HEAD_DIM / MAX_HEAD_DIM),
-# repeated here so that the configuration check does not need Triton to import.
-TRITON_MIN_HEAD_DIM, TRITON_MAX_HEAD_DIM = 16, 128
-# Limits of the Triton kernels (one head's dk x dv state tile lives in on-chip memory).
+# Head-dim bounds for every backend; the Triton kernels take the narrower set in
+# regla_kernels.limits, and 'auto' runs the other head dims on the PyTorch path.
 MAX_HEAD_DIM = 256
 HEAD_DIM_K_MULTIPLE = 16
 
@@ -57,7 +54,8 @@ class ReGLAConfig(TransformerConfig):
     """Multiply the normed output by swish(W_og x) per head before the output projection."""
 
     regla_pattern: Optional[str] = None
-    """One symbol per layer: 'R' ReGLA, '*' softmax attention; None means all ReGLA."""
+    """One symbol per layer (`regla_megatron.pattern`): 'R' ReGLA, '*' softmax attention; None
+    means all ReGLA."""
 
     regla_backend: str = "auto"
     """Kernel backend handed to `regla_kernels.chunk_regla`: 'auto', 'triton' or 'torch'."""
@@ -77,7 +75,7 @@ class ReGLAConfig(TransformerConfig):
     the fp32 gate tensor nor the chunk-start states for it (`chunk_regla(..., low_memory=True)`):
     1.08 GB fewer saved activations per layer and a backward peak under 2 GB instead of 2.3 at
     64K tokens, 16 heads of 128, bf16, for about 1.2 ms of the kernels' 5.4
-    (benchmarks/results_kernels.md). Packed sequences (THD) too."""
+    (benchmarks/results/kernels.md). Packed sequences (THD) too."""
 
     regla_low_memory_keep_gates: bool = False
     """With regla_low_memory: the forward keeps the gate tensor and the chunk-start states as
@@ -130,14 +128,14 @@ class ReGLAConfig(TransformerConfig):
             raise ValueError(
                 f"ReGLAConfig: regla_gate_rank must be 0 (full rank) or a positive rank, got {self.regla_gate_rank}"
             )
-        if self.regla_backend not in KERNEL_BACKENDS:
+        if self.regla_backend not in CONFIG_BACKENDS:
             raise ValueError(
-                f"ReGLAConfig: unknown regla_backend {self.regla_backend!r}; choose one of {KERNEL_BACKENDS}"
+                f"ReGLAConfig: unknown regla_backend {self.regla_backend!r}; choose one of {CONFIG_BACKENDS}"
             )
         if self.regla_backend == "triton":
             for name in ("regla_head_dim_k", "regla_head_dim_v"):
                 dim = getattr(self, name)
-                if not (TRITON_MIN_HEAD_DIM <= dim <= TRITON_MAX_HEAD_DIM and dim & (dim - 1) == 0):
+                if not triton_head_dim_supported(dim):
                     raise ValueError(
                         f"ReGLAConfig: regla_backend='triton' needs head dims that are powers of two in "
                         f"[{TRITON_MIN_HEAD_DIM}, {TRITON_MAX_HEAD_DIM}], got {name} = {dim}; change the head "
@@ -158,23 +156,9 @@ class ReGLAConfig(TransformerConfig):
                 f"ReGLAConfig: unknown regla_cp_layout {self.regla_cp_layout!r}; choose one of {CP_LAYOUTS}"
             )
         if self.regla_pattern is not None:
-            _validate_pattern(self.regla_pattern, self.num_layers)
-
-
-def _validate_pattern(pattern: str, num_layers: int) -> None:
-    if not isinstance(pattern, str):
-        raise ValueError(f"ReGLAConfig: regla_pattern must be a string such as 'R*R*', got {pattern!r}")
-    unknown = sorted(set(pattern) - {REGLA_SYMBOL, SOFTMAX_SYMBOL})
-    if unknown:
-        raise ValueError(
-            f"ReGLAConfig: regla_pattern {pattern!r} has unknown symbol(s) {unknown}; use "
-            f"'{REGLA_SYMBOL}' for a ReGLA layer and '{SOFTMAX_SYMBOL}' for a softmax attention layer"
-        )
-    if len(pattern) != num_layers:
-        raise ValueError(
-            f"ReGLAConfig: regla_pattern {pattern!r} has {len(pattern)} symbols but num_layers is "
-            f"{num_layers}; give exactly one symbol per layer"
-        )
+            validate_regla_pattern(
+                self.regla_pattern, self.num_layers, subject="ReGLAConfig: regla_pattern", num_layers_name="num_layers"
+            )
 
 
 def layer_is_regla(config: TransformerConfig, layer_number: int) -> bool:

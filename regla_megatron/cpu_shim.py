@@ -3,11 +3,13 @@
 `apply_cpu_shim()` is the only place in the project that patches Megatron. It does
 nothing when CUDA is available, is idempotent, and raises `RuntimeError` naming the
 installed Megatron version when something it patches is missing or has changed shape.
+`patch_megatron_for_cpu()` runs the same patches unconditionally, every target checked
+again (a CI check that the installed Megatron still fits the shim).
 
 Patches (all scoped to Megatron; `torch` itself is never modified):
 
-1. The Megatron modules that call CUDA-only APIs (`_CUDA_CALLING_MODULES`, each listed
-   with its reason) see `_CpuTorch` as their `torch`: a forwarding proxy whose
+1. The Megatron modules that call CUDA-only APIs (`CUDA_CALLING_MODULES`, each listed
+   with its reason) see one forwarding proxy as their `torch`, whose
    `cuda.current_device()` is "cpu", whose `cuda.synchronize`/`empty_cache` do nothing,
    whose `cuda.current_stream`/`default_stream` are the CPU stream (0.19's DDP), and
    whose tensor factories put `device="cuda"` tensors on the CPU.
@@ -31,7 +33,7 @@ import inspect
 
 import torch
 
-_CUDA_CALLING_MODULES = (
+CUDA_CALLING_MODULES = (
     "megatron.core.utils",  # GlobalMemoryBuffer: device=torch.cuda.current_device()
     "megatron.core.tensor_parallel.mappings",  # SP gather/scatter buffers
     "megatron.core.tensor_parallel.layers",  # SP all-gather in linear backward; GPU init
@@ -68,7 +70,7 @@ _APPLIED = False
 
 
 def megatron_version() -> str:
-    """The installed Megatron-Core version string."""
+    """The installed Megatron-Core version string ("0.16.1")."""
     from megatron.core import package_info
 
     return package_info.__version__
@@ -144,7 +146,7 @@ _CPU_TORCH = _CpuTorch()
 
 
 def _patch_module_torch():
-    for name in _CUDA_CALLING_MODULES:
+    for name in CUDA_CALLING_MODULES:
         try:
             module = importlib.import_module(name)
         except ImportError as err:
@@ -243,6 +245,19 @@ def _patch_rope_cp():
         module.get_pos_emb_on_this_cp_rank = _cpu_pos_emb_on_this_cp_rank
 
 
+def patch_megatron_for_cpu() -> None:
+    """Apply every patch of this module now, with or without CUDA, checking each target.
+
+    Targets already patched stay as they are, so it may run after `apply_cpu_shim`; a target
+    that is missing or has changed shape since (or was never patchable) raises RuntimeError
+    naming it and the installed Megatron version. Users call `apply_cpu_shim`, which also
+    leaves a CUDA machine alone.
+    """
+    _patch_module_torch()
+    _patch_rng_tracker()
+    _patch_rope_cp()
+
+
 def apply_cpu_shim() -> bool:
     """Patch Megatron-Core for CPU/gloo if no GPU is present.
 
@@ -253,8 +268,9 @@ def apply_cpu_shim() -> bool:
     if torch.cuda.is_available():
         return False
     if not _APPLIED:
-        _patch_module_torch()
-        _patch_rng_tracker()
-        _patch_rope_cp()
+        patch_megatron_for_cpu()
         _APPLIED = True
     return True
+
+
+__all__ = ["CUDA_CALLING_MODULES", "apply_cpu_shim", "megatron_version", "patch_megatron_for_cpu"]

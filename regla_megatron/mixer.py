@@ -3,7 +3,7 @@
 Data flow (REGLA_SPEC 1), shapes per TP rank with Hl = heads / TP:
   x [s, b, h] -> in_proj (column-parallel, one GEMM) -> [s, b, Hl * W]
   -> per head q, k [dk], v [dv], z, u [dk] (+ output gate [dv]) as [b, s, Hl, d] views
-  -> z += b_g, u += b_r -> chunk_regla (or CP state passing) -> o [b, s, Hl, dv]
+  -> chunk_regla with the gate biases b_g, b_r (or CP state passing) -> o [b, s, Hl, dv]
   -> per-head norm -> (* swish(output gate)) -> out_proj (row-parallel) -> [s, b, h]
 
 Fused projection layout: HEAD-MAJOR. Output row block i holds head i's
@@ -39,9 +39,9 @@ from megatron.core.transformer.utils import (
 )
 
 from regla_kernels import chunk_regla, default_scale, split_features
-
-from .config import ReGLAConfig
-from .norms import param_device
+from regla_megatron.config import ReGLAConfig
+from regla_megatron.context_parallel import context_parallel_regla, cp_num_segments
+from regla_megatron.norms import param_device
 
 INFERENCE_UNSUPPORTED = "ReGLA decoding through Megatron inference is not supported yet"
 
@@ -83,7 +83,8 @@ class ReGLAMixer(MegatronModule):
 
     Args:
         config: a `ReGLAConfig`; a plain TransformerConfig is converted, the ReGLA options
-            then coming from `REGLA_*` environment variables (`arguments.regla_config_from`).
+            then coming from `REGLA_*` environment variables
+            (`regla_megatron.megatron_lm.arguments.regla_config_from`).
         submodules: `ReGLAMixerSubmodules`.
         layer_number: global, 1-based (kept for Megatron's bookkeeping).
         pg_collection: process groups (tp, cp); None means parallel_state's.
@@ -102,7 +103,7 @@ class ReGLAMixer(MegatronModule):
     ):
         if not isinstance(config, ReGLAConfig):
             # Zero-patch --spec form: Megatron built a plain TransformerConfig.
-            from .arguments import regla_config_from
+            from regla_megatron.megatron_lm.arguments import regla_config_from
 
             config = regla_config_from(config)
         super().__init__(config)
@@ -208,9 +209,6 @@ class ReGLAMixer(MegatronModule):
             z, u = _batch_major_pieces(gates, self.num_local_heads, [self.dk, self.dk])
         else:
             z, u = pieces[3:5]
-        z = z + self.gate_bias[:, : self.dk]
-        u = u + self.gate_bias[:, self.dk :]
-
         out = self.out_norm(self._mix(q, k, v, z, u, packed_seq_params))  # [b, s, Hl, dv]
         if self.output_gate:
             gate = pieces[-1]
@@ -219,10 +217,13 @@ class ReGLAMixer(MegatronModule):
         return self.out_proj(out)
 
     def _mix(self, q, k, v, z, u, packed_seq_params) -> torch.Tensor:
-        """The recurrence on [b, s, Hl, d] views; returns o [b, s, Hl, dv]."""
+        """The recurrence on [b, s, Hl, d] views, the gate biases added to z and u (by the
+        kernels where they can: no biased copy of the logits is made or saved); returns
+        o [b, s, Hl, dv]."""
         backend = self.config.regla_backend
         if self.cp_size > 1:
-            context_parallel_regla = _import_context_parallel()
+            z = z + self.gate_bias[:, : self.dk]
+            u = u + self.gate_bias[:, self.dk :]
             return context_parallel_regla(
                 q, k, v, z, u,
                 scale=self.scale, cp_group=self.cp_group, layout=self.config.regla_cp_layout, backend=backend,
@@ -233,7 +234,10 @@ class ReGLAMixer(MegatronModule):
         low_memory = self.config.regla_low_memory
         if low_memory and self.config.regla_low_memory_keep_gates:
             low_memory = "backward"
-        out, _ = chunk_regla(q, k, v, z, u, scale=self.scale, cu_seqlens=cu_seqlens, backend=backend, low_memory=low_memory)
+        out, _ = chunk_regla(
+            q, k, v, z, u, scale=self.scale, cu_seqlens=cu_seqlens, backend=backend, low_memory=low_memory,
+            gate_bias=self.gate_bias,
+        )
         return out
 
     def _local_cu_seqlens(self, packed_seq_params, batch: int, local_length: int) -> Optional[torch.Tensor]:
@@ -242,7 +246,7 @@ class ReGLAMixer(MegatronModule):
         cu_seqlens = _packed_cu_seqlens(packed_seq_params, batch)
         if cu_seqlens is None:
             return None
-        segments = 2 * self.cp_size if self.config.regla_cp_layout == "zigzag" else self.cp_size
+        segments = cp_num_segments(self.config.regla_cp_layout, self.cp_size)
         if int(cu_seqlens[-1]) != local_length * self.cp_size or bool((cu_seqlens % segments).any()):
             raise ValueError(
                 f"ReGLAMixer: packed sequences under context parallelism need every sequence length divisible by "
@@ -293,15 +297,3 @@ def _packed_cu_seqlens(packed_seq_params, batch: int) -> Optional[torch.Tensor]:
         raise ValueError("ReGLAMixer: packed_seq_params has no cu_seqlens_q")
     return cu_seqlens
 
-
-def _import_context_parallel():
-    try:
-        from .context_parallel import context_parallel_regla
-    except ModuleNotFoundError as error:
-        if error.name != f"{__package__}.context_parallel":
-            raise
-        raise NotImplementedError(
-            "ReGLA context parallelism (context_parallel_size > 1) needs "
-            "regla_megatron/context_parallel.py, which is not available yet"
-        ) from error
-    return context_parallel_regla

@@ -20,6 +20,9 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 
+NORM_TYPES = ("rmsnorm", "layernorm")
+"""The kinds of `PerHeadNorm` (the ReGLA output norm, `ReGLAConfig.regla_norm`)."""
+
 
 def param_device(config: TransformerConfig) -> torch.device:
     """Where Megatron would allocate a parameter: the current GPU, or CPU when asked or absent."""
@@ -68,8 +71,8 @@ class PerHeadNorm(torch.nn.Module):
         tp_group: Optional[torch.distributed.ProcessGroup] = None,
     ):
         super().__init__()
-        if norm_type not in ("rmsnorm", "layernorm"):
-            raise ValueError(f"PerHeadNorm: unknown norm_type {norm_type!r}; choose 'rmsnorm' or 'layernorm'")
+        if norm_type not in NORM_TYPES:
+            raise ValueError(f"PerHeadNorm: unknown norm_type {norm_type!r}; choose {' or '.join(map(repr, NORM_TYPES))}")
         self.norm_type = norm_type
         self.eps = eps
         self.tp_group = tp_group
@@ -130,5 +133,6 @@ class SequenceParallelNorm(torch.nn.Module):
             param.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., hidden_size], any float dtype -> same shape and dtype."""
         weight = self.weight + 1 if self.zero_centered_gamma else self.weight
         return _normalize(x, weight, self.bias, self.kind, self.eps)

@@ -2,7 +2,8 @@
 
 - `get_regla_layer_spec(backend)`: a TransformerLayer with `ReGLAMixer` as self_attention.
 - `get_softmax_layer_spec(backend)`: a softmax attention TransformerLayer (the local one
-  runs on CPU: Megatron's DotProductAttention plus our SP-correct norms).
+  runs on CPU and GPU: torch SDPA's flash attention (`SDPADotProductAttention`) plus our
+  SP-correct norms).
 - `get_hybrid_block_spec(config, vp_stage)`: this pipeline stage's layers from the pattern
   (under context parallelism the local softmax layers use `cp_attention`'s core attention).
 
@@ -17,7 +18,7 @@ backend: 'local' (Megatron's ColumnParallelLinear/RowParallelLinear, `SequencePa
 - `regla_spec(config, vp_stage=None)`: a callable returning the block spec. Megatron-LM
   main (0.19 era) and Megatron-Bridge call it; prefer it where available (our final norm).
 Both accept a plain TransformerConfig (zero-patch form): its ReGLA options then come from
-the `REGLA_*` environment variables (`regla_megatron.arguments.regla_config_from`).
+the `REGLA_*` environment variables (`regla_megatron.megatron_lm.arguments.regla_config_from`).
 """
 
 import importlib.util
@@ -31,7 +32,6 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType, LayerType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -43,9 +43,10 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
-from .config import ReGLAConfig, layer_is_regla
-from .mixer import ReGLAMixer, ReGLAMixerSubmodules
-from .norms import PerHeadNorm, SequenceParallelNorm
+from regla_megatron.attention import SDPADotProductAttention
+from regla_megatron.config import ReGLAConfig, layer_is_regla
+from regla_megatron.mixer import ReGLAMixer, ReGLAMixerSubmodules
+from regla_megatron.norms import PerHeadNorm, SequenceParallelNorm
 
 BACKENDS = ("local", "te", "auto")
 
@@ -80,7 +81,7 @@ def _backend_for(config) -> str:
 def _as_regla_config(config):
     if isinstance(config, ReGLAConfig):
         return config
-    from .arguments import regla_config_from
+    from regla_megatron.megatron_lm.arguments import regla_config_from
 
     return regla_config_from(config)
 
@@ -121,8 +122,9 @@ def get_regla_layer_spec(backend: str = "local") -> ModuleSpec:
 def get_softmax_layer_spec(backend: str = "local", qk_layernorm: bool = False, core_attention=None) -> ModuleSpec:
     """A causal softmax attention TransformerLayer.
 
-    'te' is Megatron's own TE GPT layer. 'local' uses Megatron's DotProductAttention,
-    which runs on CPU (with the cpu_shim) but refuses context parallelism; pass
+    'te' is Megatron's own TE GPT layer. 'local' uses `SDPADotProductAttention` (torch SDPA:
+    FlashAttention or cuDNN on the GPU, no materialized scores; Megatron's DotProductAttention
+    would store `[b, heads, s, s]` scores); it runs on CPU too but refuses context parallelism: pass
     `core_attention` (a class or spec with DotProductAttention's interface) to use another
     core attention, e.g. a CP-capable one, with the local layers.
     """
@@ -137,7 +139,7 @@ def get_softmax_layer_spec(backend: str = "local", qk_layernorm: bool = False, c
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=SelfAttentionSubmodules(
             linear_qkv=ColumnParallelLinear,
-            core_attention=core_attention or DotProductAttention,
+            core_attention=core_attention or SDPADotProductAttention,
             linear_proj=RowParallelLinear,
             q_layernorm=qk_norm,
             k_layernorm=qk_norm,
@@ -163,7 +165,7 @@ def _layer_spec(config, global_layer_number: int, backend: str) -> ModuleSpec:
     core_attention = None
     if backend == "local" and config.context_parallel_size > 1:
         # Megatron's local DotProductAttention refuses CP; TE's handles it itself.
-        from .cp_attention import ContextParallelDotProductAttention as core_attention
+        from regla_megatron.context_parallel.attention import ContextParallelDotProductAttention as core_attention
     return get_softmax_layer_spec(backend, qk_layernorm=config.qk_layernorm, core_attention=core_attention)
 
 
@@ -209,7 +211,15 @@ def get_hybrid_block_spec(
 
 
 def regla_spec(config, vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
-    """`--spec regla_megatron.specs regla_spec`: the callable form (Megatron-LM main, Bridge)."""
+    """`--spec regla_megatron.specs regla_spec`: the callable form (Megatron-LM main, Bridge).
+
+    Inside a Megatron-LM run it first checks the data flags against the dataset
+    (`check_megatron_lm_data`; raises ValueError naming the flag), since the zero-patch form
+    has no argument hook; elsewhere that check does nothing.
+    """
+    from regla_megatron.megatron_lm.hooks import check_megatron_lm_data
+
+    check_megatron_lm_data()
     return get_hybrid_block_spec(config, vp_stage=vp_stage)
 
 
@@ -226,6 +236,9 @@ class HybridLayerDispatch(BaseTransformerLayer):
         from megatron.core import parallel_state
         from megatron.core.utils import get_pg_rank
 
+        from regla_megatron.megatron_lm.hooks import check_megatron_lm_data
+
+        check_megatron_lm_data()  # the zero-patch form's data check (once per run; see regla_spec)
         if pg_collection is not None:
             pp_rank = get_pg_rank(pg_collection.pp)
         else:

@@ -1,21 +1,50 @@
-"""The suite tests the CPU / gloo paths (and Triton under TRITON_INTERPRET in subprocesses).
+"""Test setup: which device the suite sees, the Triton interpreter, and the markers.
 
-On a GPU machine it hides the GPUs so the same paths run there (set REGLA_TESTS_SEE_GPU=1
-to keep them visible); the GPU checks live in benchmarks/gpu_check_*.py.
+By default the suite hides the GPUs and runs the Triton kernels in Triton's CPU interpreter
+(`TRITON_INTERPRET=1`, set here before anything imports Triton, since Triton reads it when a
+kernel is defined). `REGLA_TESTS_SEE_GPU=1` keeps the GPUs visible and the compiler on: then
+the tests under `tests/gpu/` run on the GPU and the interpreter cases are skipped.
+
+Markers: `slow` (deselected unless `--slow` is given: the full interpreter matrix),
+`interpreter` (needs the interpreter), `gpu` (needs CUDA).
 """
 
 import os
-import sys
-
-if os.environ.get("REGLA_TESTS_SEE_GPU") != "1":
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
-
-sys.path.insert(0, os.path.dirname(__file__))
-
 import socket
 
-import pytest
-import torch
+SEE_GPU = os.environ.get("REGLA_TESTS_SEE_GPU") == "1"
+if not SEE_GPU:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long cases (the full interpreter matrix); run with --slow")
+    config.addinivalue_line("markers", "interpreter: runs Triton kernels in the CPU interpreter")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (REGLA_TESTS_SEE_GPU=1)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--slow"):
+        kept = [item for item in items if "slow" not in item.keywords]
+        deselected = [item for item in items if "slow" in item.keywords]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = kept
+    for item in items:
+        if "interpreter" in item.keywords and not INTERPRETING:
+            item.add_marker(pytest.mark.skip(reason="needs TRITON_INTERPRET=1 (the default without REGLA_TESTS_SEE_GPU)"))
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU and REGLA_TESTS_SEE_GPU=1"))
 
 
 def _free_port() -> int:
