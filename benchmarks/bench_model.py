@@ -188,6 +188,20 @@ def markdown(rows: list, patterns: list, lengths: list) -> str:
     return "\n".join(lines)
 
 
+def profile_markdown(rows: list) -> str:
+    """Per-kind device time (ms) of one step, for the rows that were profiled ('' when none)."""
+    profiled = [r for r in rows if "profile_ms" in r]
+    if not profiled:
+        return ""
+    kinds = [label for label, _ in KINDS] + ["other elementwise / reductions"]
+    lines = [f"One step at T = {profiled[0]['length']}, device time by kind of kernel (ms):", "",
+             "| pattern | step ms | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+    for r in profiled:
+        cells = " | ".join(f"{r['profile_ms'].get(kind, 0.0):.0f}" for kind in kinds)
+        lines.append(f"| `{r['pattern']}` | {r['step_ms']:.0f} | {cells} |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--patterns", nargs="+", default=["*", "R*", "RRR*", "R"])
@@ -222,7 +236,10 @@ def main():
             print(json.dumps(row), flush=True)
             gc.collect()
     table = markdown(rows, args.patterns, args.lengths)
+    profile = profile_markdown(rows)
     print(table)
+    if profile:
+        print(profile)
     if args.out:
         import megatron.core
         import triton
@@ -236,7 +253,7 @@ def main():
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
         with open(os.path.join(args.out, "model.md"), "w") as f:
             f.write(f"{meta['device']}, {meta['date']}; torch {meta['torch']}, triton {meta['triton']}, "
-                    f"megatron-core {meta['megatron_core']}\n\n{table}\n")
+                    f"megatron-core {meta['megatron_core']}\n\n{table}\n\n{profile}\n")
     dist.destroy_process_group()
 
 

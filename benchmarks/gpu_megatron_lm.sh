@@ -29,6 +29,7 @@ OUT=${OUT:-/tmp/regla-mlm}; mkdir -p "$OUT"; rm -f "$OUT"/mlm_*.log "$OUT/mlm_su
 WORK=${WORK:-/tmp/regla-mlm-work}
 ITERS=${ITERS:-40}
 BUDGET=${BUDGET:-400}  # run_gpu.sh gives a stage 420 s (STAGE_LIMIT)
+FORMS=${FORMS:-patched zero-patch}  # which forms of the plugin run: patched, zero-patch
 SOURCE=${MEGATRON_LM_SOURCE:-$ROOT/.megatron-lm}
 CORPUS=${CORPUS:-$ROOT/.corpus}
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
@@ -69,10 +70,11 @@ setup() {
   local copy
   for copy in plain patched; do
     cp -r "$SOURCE" "$WORK/mlm-$copy" || return 1
-    # With the wheel installed, its megatron-core is the one used (the checkout's would shadow it).
-    if [[ -d /tmp/site/megatron/core ]]; then rm -rf "$WORK/mlm-$copy/megatron/core"; fi
   done
   python3 -m regla_megatron patch "$WORK/mlm-patched" || return 1
+  # With the wheel installed, its megatron-core is the one used (the checkout's would shadow it);
+  # removed after patching, which checks that the copy is a whole Megatron-LM checkout.
+  if [[ -d /tmp/site/megatron/core ]]; then rm -rf "$WORK/mlm-plain/megatron/core" "$WORK/mlm-patched/megatron/core"; fi
   (cd "$WORK/mlm-plain" && python3 -c 'import megatron.core as m, megatron.training as t, torch, triton
 print("megatron-core", m.__version__, m.__file__); print("megatron.training", t.__file__)
 print("torch", torch.__version__, "| triton", triton.__version__, "|", torch.cuda.get_device_name(0))')
@@ -130,9 +132,13 @@ train_and_resume() {  # NAME LOG ENV...
   stage "$name-resume" "$log" launch "$name-resume" "$log" "$WORK/ck-$name" $((2 * ITERS)) "$@" || true
 }
 : > "$OUT/mlm_patched.log"; : > "$OUT/mlm_zero_patch.log"
-train_and_resume patched "$OUT/mlm_patched.log" MEGATRON_LM="$WORK/mlm-patched" DATA_PATH="$DATA_PATCHED"
-train_and_resume zero-patch "$OUT/mlm_zero_patch.log" MEGATRON_LM="$WORK/mlm-plain" DATA_PATH="$DATA_DOCS" \
-  ZERO_PATCH=1 SPEC_NAME=regla_spec
+if [[ " $FORMS " == *" patched "* ]]; then
+  train_and_resume patched "$OUT/mlm_patched.log" MEGATRON_LM="$WORK/mlm-patched" DATA_PATH="$DATA_PATCHED"
+fi
+if [[ " $FORMS " == *" zero-patch "* ]]; then
+  train_and_resume zero-patch "$OUT/mlm_zero_patch.log" MEGATRON_LM="$WORK/mlm-plain" DATA_PATH="$DATA_DOCS" \
+    ZERO_PATCH=1 SPEC_NAME=regla_spec
+fi
 
 # ---------------------------------------------------------------------------------- distopt
 distopt() {  # Megatron-LM alone: plain GPT, distributed optimizer, torch_dist, save then resume
@@ -144,7 +150,7 @@ distopt() {  # Megatron-LM alone: plain GPT, distributed optimizer, torch_dist, 
     --micro-batch-size 2 --global-batch-size 2 --train-iters "$iterations" --lr 1e-4 --lr-decay-iters 8 \
     --override-opt_param-scheduler --bf16 --mock-data --tokenizer-type NullTokenizer --vocab-size 256 \
     --use-distributed-optimizer --ckpt-format torch_dist --save "$WORK/ck-distopt" --load "$WORK/ck-distopt" \
-    --save-interval 4 --eval-iters 0 --log-interval 1 "${NO_FUSION[@]}")
+    --save-interval 4 --eval-interval 1000 --eval-iters 0 --log-interval 1 "${NO_FUSION[@]}")
 }
 : > "$OUT/mlm_distopt.log"
 if python3 -c 'import importlib.util as u, sys; sys.exit(bool(u.find_spec("transformer_engine") or u.find_spec("apex")))'; then
