@@ -7,8 +7,11 @@ forward+backward (outputs and gradients included), achieved GB/s over the fewest
 
     python benchmarks/bench_kernels.py [--out DIR] [--lengths 2048,4096] [--sweep] [--methods regla,fla,sdpa]
                                        [--launch fast_dqk_warps=4] [--profile]
-Writes DIR/bench_kernels.json and DIR/results_kernels.md (--sweep: also DIR/kept_launch.txt,
-the picked settings as --launch arguments; --lengths "" skips the table).
+                                       [--gates randn|model|adversarial] [--model-layers 1,4,8,12]
+Writes DIR/bench_kernels.json and DIR/kernels.md (--sweep: also DIR/kept_launch.txt, the picked
+settings as --launch arguments; --lengths "" skips the table). `--gates` other than randn
+measures ReGLA and fla per gate input set (`gate_inputs.py`: adversarial kinds, or the inputs of
+a 12-layer GPT's ReGLA layers) and writes DIR/kernels_gates.json and .md.
 """
 
 import argparse
@@ -282,8 +285,15 @@ def main():
     parser.add_argument("--profile-lengths", default="8192", help="lengths the --profile runs at")
     parser.add_argument("--gate", default="2,1", help="gate logit mean,std (default 2,1)")
     parser.add_argument("--launch", nargs="*", help="KEY=VALUE overrides of regla_kernels.triton.settings.LAUNCH")
+    parser.add_argument("--gates", choices=("randn", "model", "adversarial"), default="randn")
+    parser.add_argument("--model-layers", default="1,4,8,12", help="with --gates model: which ReGLA layers to time")
     args = parser.parse_args()
     apply_launch(args.launch)
+    if args.gates != "randn":
+        from bench_gates import bench_gates
+
+        bench_gates(args, [int(x) for x in args.lengths.split(",") if x], [m for m in args.methods.split(",") if m])
+        return
     GATE["mean"], GATE["std"] = (float(x) for x in args.gate.split(","))
     meta = versions()
     meta["gate_logits"] = dict(GATE)
@@ -302,7 +312,7 @@ def main():
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "bench_kernels.json"), "w") as f:
             json.dump(result, f, indent=1)
-        with open(os.path.join(args.out, "results_kernels.md"), "w") as f:
+        with open(os.path.join(args.out, "kernels.md"), "w") as f:
             f.write(markdown(meta, rows))
 
     rows = bench([int(x) for x in args.lengths.split(",") if x], [m for m in args.methods.split(",") if m], write)

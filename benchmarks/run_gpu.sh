@@ -8,6 +8,8 @@
 #   cpu-tests    the CPU suite on this machine's Python and megatron-core (GPUs hidden, as in CI)
 #   kernels      benchmarks/bench_kernels.py: ReGLA against fla chunk_gla and SDPA, 2K-32K
 #                (results/kernels.md, .json, .png)
+#   kernel-gates bench_kernels.py --gates model, then --gates adversarial: ReGLA and fla on the
+#                inputs a 12-layer GPT's ReGLA layers produce, and on adversarial gates
 #   model        benchmarks/bench_model.py: whole GPT models (softmax, hybrids, all ReGLA) training
 #                tokens/s, peak memory and a per-kind profile (results/model.md)
 #   mixer        benchmarks/bench_mixer.py: one ReGLAMixer forward+backward by kind of kernel
@@ -49,6 +51,15 @@ stage_cpu-tests() {
 stage_kernels() {
   timeout "$LIMIT" python3 benchmarks/bench_kernels.py --out "$OUT/kernels" --profile 2>&1 | grep -v -i warn > "$OUT/kernels.log"
   echo "kernels rc=$?"; grep -E "^(regla|regla_lm|regla_lmb|sdpa|fla) T=|^\| [0-9]|Error" "$OUT/kernels.log" | cut -c1-200
+}
+
+stage_kernel-gates() {
+  local gates
+  for gates in model adversarial; do
+    timeout "$LIMIT" python3 benchmarks/bench_kernels.py --gates "$gates" --out "$OUT/gates_$gates" --methods regla,fla,sdpa \
+      ${GATE_LENGTHS:+--lengths $GATE_LENGTHS} 2>&1 | grep -v -i warn > "$OUT/kernel_gates_$gates.log"
+    echo "kernel-gates $gates rc=$?"; grep -E "^\||slowest|Error" "$OUT/kernel_gates_$gates.log" | cut -c1-200
+  done
 }
 
 stage_model() {
