@@ -83,6 +83,15 @@ def check_inputs(q, k, v, gate_logits, refine_logits, key_max, initial_state, cu
     return sequences
 
 
+def common_compute_dtype(*tensors: torch.Tensor):
+    """The tensors as the PyTorch backends take them: all float64 where any is float64 and not all
+    are (else as given: each is read at its own precision and computed in float32)."""
+    dtypes = {x.dtype for x in tensors}
+    if torch.float64 in dtypes and len(dtypes) > 1:
+        return tuple(x.to(torch.float64) for x in tensors)
+    return tensors
+
+
 def chunk_regla(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -108,7 +117,14 @@ def chunk_regla(
 
     Args:
         q, k, gate_logits, refine_logits: [B, T, H, dk], float16/bfloat16/float32/float64.
-        v: [B, T, H, dv].
+        v: [B, T, H, dv]. Mixed float dtypes are taken (cast, not an error): the Triton backend
+            casts k, v and both logits to q's dtype (its kernels read one dtype); the PyTorch
+            backends compute in float32, or in float64 where any input is float64. B = 0, T = 0
+            and empty packed sequences are taken: empty outputs, and the initial state (or
+            zeros) as the final state of an empty sequence.
+            NaN / Inf inputs behave as in the token-by-token recurrence: a bad value at token t
+            reaches no output before t (the key max M is taken over the finite keys, 0 where a
+            sequence has none) and the outputs it reaches are not finite.
         scale: score factor; None means alpha = 1 / (e sqrt(dk (e^2 - 1))).
         key_max: [N, H] key stabilizer M (N = B, or the number of packed sequences);
             None computes it from k. Pass it when k is a shard of a longer sequence.
@@ -145,7 +161,11 @@ def chunk_regla(
         )
     if low_memory not in (False, True, "backward"):
         raise ValueError(f"chunk_regla: low_memory={low_memory!r}; use False, True or \"backward\"")
-    function = _BACKEND_FUNCTIONS[resolve_backend(backend, q, v)]
+    out_dtype = q.dtype
+    name = resolve_backend(backend, q, v)
+    function = _BACKEND_FUNCTIONS[name]
+    if name in ("torch", "naive"):
+        q, k, v, gate_logits, refine_logits = common_compute_dtype(q, k, v, gate_logits, refine_logits)
     if scale is None:
         scale = default_scale(q.shape[-1])
     # a backend that declares it may skip the final state's work when it is not asked for
@@ -163,7 +183,7 @@ def chunk_regla(
         o, state = _run_per_sequence(
             function, q, k, v, gate_logits, refine_logits, scale, key_max, initial_state, cu_seqlens, sequences, options
         )
-    return o.to(q.dtype), (state if output_final_state else None)
+    return o.to(out_dtype), (state if output_final_state else None)
 
 
 def _run_per_sequence(function, q, k, v, gate_logits, refine_logits, scale, key_max, initial_state, cu_seqlens, sequences, options):

@@ -31,6 +31,19 @@ def _use_triton(backend: str, q: torch.Tensor, v: torch.Tensor) -> bool:
     return True
 
 
+def check_step_state(q: torch.Tensor, v: torch.Tensor, state: torch.Tensor, running_key_max: torch.Tensor) -> None:
+    """Raise ValueError (naming the argument, the expected and the given shape or dtype) unless
+    state is a floating [B, H, dk, dv] and running_key_max a floating [B, H] for q [B, H, dk] and
+    v [B, H, dv]: the Triton kernel reads them at those shapes."""
+    batch, heads, dk = q.shape
+    expected = {"state": (batch, heads, dk, v.shape[-1]), "running_key_max": (batch, heads)}
+    for name, x in (("state", state), ("running_key_max", running_key_max)):
+        if tuple(x.shape) != expected[name]:
+            raise ValueError(f"regla_step: {name} must have shape {expected[name]} (from q and v), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"regla_step: {name} must be a floating tensor (float32 expected), got {x.dtype}")
+
+
 def regla_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -46,8 +59,9 @@ def regla_step(
 
     Args:
         q, k, gate_logits, refine_logits: [B, H, dk]; v: [B, H, dv].
-        state: [B, H, dk, dv] (relative to running_key_max) or None for an empty state.
-        running_key_max: [B, H], the max of every key seen so far, or None at the start.
+        state: [B, H, dk, dv] float32 (relative to running_key_max) or None for an empty state.
+        running_key_max: [B, H] float32, the max of every key seen so far, or None at the start.
+            A state or running_key_max of another shape, or not floating, raises ValueError.
         scale: score factor; None means alpha of REGLA_SPEC section 1.
         backend: "auto" (the Triton step kernel for CUDA inputs it supports, else torch),
             "triton" or "torch".
@@ -61,6 +75,8 @@ def regla_step(
         raise ValueError(f"regla_step: v must be [B, H, dv] with q's B, H, got {tuple(v.shape)}")
     if (state is None) != (running_key_max is None):
         raise ValueError("regla_step: give both state and running_key_max (a running decode) or neither (the first token)")
+    if state is not None:
+        check_step_state(q, v, state, running_key_max)
     if scale is None:
         scale = default_scale(q.shape[-1])
     if _use_triton(backend, q, v):

@@ -61,7 +61,9 @@ def query_feature_map(q: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_key_max(k: torch.Tensor) -> torch.Tensor:
-    """The key stabilizer M: max over the feature dim and every position, per (batch, head).
+    """The key stabilizer M: max over the feature dim and every position, per (batch, head),
+    of the finite keys only (NaN and +-Inf entries are ignored); 0 where there is none (T = 0,
+    or no finite key).
 
     Args:
         k: [B, T, H, dk].
@@ -69,10 +71,17 @@ def sequence_key_max(k: torch.Tensor) -> torch.Tensor:
         [B, H] in the compute dtype, detached.
     """
     dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
+    if k.shape[1] == 0 or k.shape[-1] == 0:
+        return torch.zeros(k.shape[0], k.shape[2], device=k.device, dtype=dtype)
+    # M only stabilizes: a non-finite key must not move it, or one bad token would reach every
+    # output of its sequence (causality). Non-finite entries count as -inf.
+    ninf = float("-inf")
+    finite = k.detach().nan_to_num(nan=ninf, posinf=ninf, neginf=ninf)
     # The max of low-precision values is one of them: reduce first, then upcast (no fp32 copy of
     # k). Over the sequence first: 0.15 ms against 0.26 for amax(dim=(1, 3)) on an H200 at
     # 64K tokens x 16 heads x 128.
-    return k.detach().amax(dim=1).amax(dim=-1).to(dtype)
+    key_max = finite.amax(dim=1).amax(dim=-1).to(dtype)
+    return torch.where(key_max == ninf, 0.0, key_max)
 
 
 def key_feature_map(k: torch.Tensor, key_max: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ def chunk_regla_torch(
         scale: score factor. key_max: [B, H]. initial_state: [B, H, dk, dv] or None.
     Returns:
         o [B, T, H, dv] and final state [B, H, dk, dv], float32 (float64 for float64 input).
+        Causal also for NaN / Inf inputs: a bad value at token t reaches no output before t.
     """
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
@@ -57,8 +58,11 @@ def chunk_regla_torch(
     causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
     pair = cum[..., :, None, :] - cum[..., None, :, :]  # b_t - b_s, [B, H, n, C(t), C(s), dk]
     pair = pair.masked_fill(~causal[:, :, None], float("-inf"))
-    scores = torch.einsum("bhntk,bhnsk,bhntsk->bhnts", cq, ck, torch.exp(pair))
-    out = torch.einsum("bhnts,bhnsv->bhntv", scores, cv)
+    # Causal by selection (torch.where), not by products with zeros: a NaN or Inf key or value
+    # at token s times a zero factor is NaN, which would reach the rows before s.
+    terms = cq[..., :, None, :] * ck[..., None, :, :] * torch.exp(pair)
+    scores = torch.where(causal[:, :, None], terms, 0.0).sum(dim=-1)  # [B, H, n, C(t), C(s)]
+    out = torch.where(causal[:, :, None], scores[..., None] * cv[..., None, :, :], 0.0).sum(dim=-2)
 
     chunk_total = cum[..., -1:, :]  # b_C, [B, H, n, 1, dk]
     keys_to_end = ck * torch.exp(chunk_total - cum)  # phi_k(k_s) * exp(b_C - b_s)
@@ -72,6 +76,8 @@ def chunk_regla_torch(
     for n in range(cq.shape[2]):
         inter.append(torch.einsum("bhtk,bhkv->bhtv", queries_from_start[:, :, n], state))
         state = torch.exp(chunk_total[:, :, n, 0, :, None]) * state + chunk_updates[:, :, n]
-    out = scale * (out + torch.stack(inter, dim=2))
-    out = out.permute(0, 2, 3, 1, 4).reshape(batch, -1, heads, dv)[:, :length]
+    if inter:
+        out = out + torch.stack(inter, dim=2)
+    out = scale * out  # T = 0: no chunks, an empty out that still depends on every input
+    out = out.permute(0, 2, 3, 1, 4).reshape(batch, length + pad, heads, dv)[:, :length]
     return out, state

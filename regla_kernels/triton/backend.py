@@ -21,7 +21,7 @@ from regla_kernels.triton.segments import KeyMaxOfSequences, chunk_regla_segment
 from regla_kernels.triton.settings import CHUNK_SIZE, LAUNCH, check_supported, fast_limit, triton_supports
 from regla_kernels.triton.windows import ChunkReGLATritonPackedWindowed, ChunkReGLATritonWindowed, chunks_per_window, packed_windows
 
-__all__ = ["chunk_regla_triton", "fast_chunk_mask", "segments_per_sequence", "triton_supports"]
+__all__ = ["chunk_regla_triton", "empty_input_result", "fast_chunk_mask", "segments_per_sequence", "triton_supports"]
 
 
 def fast_chunk_mask(gate_logits: torch.Tensor, refine_logits: torch.Tensor, limit: Optional[float] = None) -> torch.Tensor:
@@ -72,6 +72,17 @@ def by_segments(q, k, v, gate_logits, refine_logits, scale, key_max, initial_sta
     return o.reshape(batch, length, *o.shape[2:])
 
 
+def empty_input_result(q, k, v, gate_logits, refine_logits, initial_state, sequences: int):
+    """(o, final state) of inputs without tokens (B = 0 or T = 0), which no kernel launches for:
+    o [B, T, H, dv] empty in q's dtype, still depending on every input (gradients of their
+    shapes), and the final state [N, H, dk, dv] fp32: initial_state, or zeros."""
+    o = torch.einsum("bthk,bthk,bthk,bthk,bthv->bthv", q, k, gate_logits, refine_logits, v)
+    state = q.new_zeros(sequences, q.shape[2], q.shape[3], v.shape[-1], dtype=torch.float32)
+    if initial_state is not None:
+        state = state + initial_state.float()
+    return o, state
+
+
 def chunk_regla_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -108,6 +119,9 @@ def chunk_regla_triton(
     dv = v.shape[-1]
     dtype = q.dtype
     k, v, gate_logits, refine_logits = (x.to(dtype) for x in (k, v, gate_logits, refine_logits))
+    if batch == 0 or length == 0:
+        sequences = batch if cu_seqlens is None else cu_seqlens.numel() - 1
+        return empty_input_result(q, k, v, gate_logits, refine_logits, initial_state, sequences)
     segments = 1 if cu_seqlens is not None or output_final_state or low_memory else segments_per_sequence(batch, heads, dk, dv, length)
     if gate_bias is not None and segments > 1:
         # added first: the segments path takes no bias of its own
