@@ -23,32 +23,19 @@ MODEL = dict(layers=12, hidden=HEADS * DIM, heads=HEADS, ffn=4 * HEADS * DIM, vo
 
 def model_input_sets(length: int, layers_wanted: list) -> list:
     """The inputs of the wanted ReGLA layers (1-based) of an all-ReGLA 12-layer GPT (hidden 2048,
-    Megatron's default initialization, bf16) at TOKENS tokens of random text, T = length."""
-    from bench_model import init_megatron
-    from megatron.core import parallel_state
+    Megatron's default initialization, bf16; `bench_model.gpt_model`) at TOKENS tokens of random
+    text, T = length."""
+    from argparse import Namespace
 
-    from regla_megatron.config import ReGLAConfig
-    from regla_megatron.specs import get_hybrid_block_spec
+    from bench_model import gpt_model, init_megatron
+    from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():
         init_megatron()
-
-    def build():
-        from megatron.core.models.gpt import GPTModel
-
-        config = ReGLAConfig(
-            num_layers=MODEL["layers"], hidden_size=MODEL["hidden"], num_attention_heads=MODEL["heads"],
-            ffn_hidden_size=MODEL["ffn"], regla_pattern="R" * MODEL["layers"], params_dtype=torch.bfloat16, bf16=True,
-            hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False, apply_rope_fusion=False,
-            gradient_accumulation_fusion=False,
-        )
-        return GPTModel(config, get_hybrid_block_spec(config), vocab_size=MODEL["vocab"], max_sequence_length=length,
-                        position_embedding_type="rope").cuda()
-
     batch = TOKENS // length
     tokens = torch.randint(0, MODEL["vocab"], (batch, length), device="cuda",
                            generator=torch.Generator(device="cuda").manual_seed(length))
-    sets = capture_model_inputs(build, tokens)
+    sets = capture_model_inputs(lambda: gpt_model(Namespace(**MODEL), "R", length)[1], tokens)
     return [sets[i - 1] for i in layers_wanted if 0 < i <= len(sets)]
 
 

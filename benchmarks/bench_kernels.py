@@ -202,7 +202,7 @@ def sweep(length=8192, gain=0.01):
 
 
 def profile(length=8192, call=regla_chunk_call, label=""):
-    """Device time per kernel of one forward+backward (torch profiler), longest first."""
+    """GPU kernel time of one forward+backward, per kernel (torch profiler), longest first."""
     batch = TOKENS // length
     inputs = make_inputs(batch, length, True)
     do = torch.randn_like(call(inputs).detach())

@@ -1,5 +1,5 @@
 """Where a ReGLAMixer's time goes in Megatron-Core (one process, TP = 1): forward+backward of
-the whole mixer against the bare `chunk_regla` on the same tokens, and the mixer's device time
+the whole mixer against the bare `chunk_regla` on the same tokens, and the mixer's GPU time
 by kind of kernel (ReGLA's Triton kernels, matrix products, copies and other elementwise
 passes). Prices the layout copies between Megatron's [s, b, h] and the kernels' [b, s, h].
 
@@ -8,30 +8,12 @@ passes). Prices the layout copies between Megatron's [s, b, h] and the kernels' 
 """
 
 import argparse
-import socket
 
 import torch
 import torch.distributed as dist
+from bench_model import init_megatron, kind
 
 HEADS, DIM = 16, 128
-
-
-def init_megatron():
-    from megatron.core import parallel_state
-
-    if not torch.cuda.is_available():
-        from regla_megatron.cpu_shim import apply_cpu_shim
-
-        apply_cpu_shim()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    model_parallel_cuda_manual_seed(1234)  # the weights' initialisation forks this RNG state
 
 
 def build(dtype, backend):
@@ -47,16 +29,6 @@ def build(dtype, backend):
     )
     mixer = build_module(get_regla_layer_spec("local").submodules.self_attention, config=config, layer_number=1)
     return mixer.to("cuda") if torch.cuda.is_available() else mixer
-
-
-def kind(name: str) -> str:
-    if name.startswith("chunk_") or "regla" in name:
-        return "ReGLA Triton kernels"
-    if any(key in name.lower() for key in ("gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "addmm", "mm")):
-        return "matrix products"
-    if any(key in name.lower() for key in ("copy", "cat", "transpose", "contiguous", "clone")):
-        return "copies / layout"
-    return "other elementwise and reductions"
 
 
 def main():

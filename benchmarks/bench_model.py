@@ -30,7 +30,7 @@ import torch.distributed as dist
 KINDS = (
     ("ReGLA kernels", re.compile(r"^chunk_|regla|_states_|gates|copy_rows", re.I)),
     ("flash attention", re.compile(r"flash|fmha|cudnn|attention|sdpa", re.I)),
-    ("matrix products", re.compile(r"gemm|cutlass|xmma|nvjet|matmul|cublas", re.I)),
+    ("matrix products", re.compile(r"gemm|cutlass|xmma|nvjet|matmul|cublas|aten::(add|b)?mm\b", re.I)),
     ("optimizer", re.compile(r"adam|multi_tensor|foreach", re.I)),
     ("copies / layout", re.compile(r"copy|cat_|transpose|contiguous|clone", re.I)),
 )
@@ -69,34 +69,42 @@ def full_pattern(pattern: str, layers: int) -> str:
     return pattern * (layers // len(pattern))
 
 
-def build(args, pattern: str, length: int):
-    """GPTModel + Megatron DDP + Megatron optimizer for one pattern, on this process's device."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+def gpt_model(args, pattern: str, length: int):
+    """(config, GPTModel) from this plugin's specs for one pattern, on this process's device: bf16
+    on a GPU, fp32 on the CPU. args: layers, hidden, heads, ffn, vocab, recompute."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from regla_megatron.config import ReGLAConfig
     from regla_megatron.specs import get_hybrid_block_spec
 
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
+    recompute = getattr(args, "recompute", None)
     config = ReGLAConfig(
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads, ffn_hidden_size=args.ffn,
         regla_pattern=full_pattern(pattern, args.layers), params_dtype=dtype, bf16=cuda, pipeline_dtype=dtype,
         use_cpu_initialization=not cuda, hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False,
         masked_softmax_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
-        recompute_granularity=args.recompute, recompute_method="uniform" if args.recompute == "full" else None,
-        recompute_num_layers=1 if args.recompute == "full" else None,
+        recompute_granularity=recompute, recompute_method="uniform" if recompute == "full" else None,
+        recompute_num_layers=1 if recompute == "full" else None,
     )
     model = GPTModel(config, get_hybrid_block_spec(config), vocab_size=args.vocab, max_sequence_length=length,
                      position_embedding_type="rope")
-    if cuda:
-        model = model.cuda()
+    return config, (model.cuda() if cuda else model)
+
+
+def build(args, pattern: str, length: int):
+    """GPTModel + Megatron DDP + Megatron optimizer for one pattern, on this process's device."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    cuda = torch.cuda.is_available()
+    config, model = gpt_model(args, pattern, length)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
     model = DistributedDataParallel(config, ddp_config, model)
     # clip_grad 0 on the CPU: Megatron's gradient clipping asserts CUDA tensors.
     optimizer_config = OptimizerConfig(optimizer="adam", lr=1e-4, bf16=cuda, clip_grad=1.0 if cuda else 0.0,
-                                       params_dtype=dtype, use_distributed_optimizer=False)
+                                       params_dtype=config.params_dtype, use_distributed_optimizer=False)
     optimizer = get_megatron_optimizer(optimizer_config, [model])
     return config, model, optimizer
 
@@ -125,7 +133,7 @@ def training_step(config, model, optimizer, tokens, labels) -> float:
 
 
 def profile_step(step) -> dict:
-    """Device time (ms) of one step by kind of kernel (GPU only)."""
+    """GPU kernel time (ms) of one training step, summed by kind of kernel."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
@@ -189,12 +197,12 @@ def markdown(rows: list, patterns: list, lengths: list) -> str:
 
 
 def profile_markdown(rows: list) -> str:
-    """Per-kind device time (ms) of one step, for the rows that were profiled ('' when none)."""
+    """GPU kernel time (ms) of one step by kind of kernel, for the profiled rows ('' when none)."""
     profiled = [r for r in rows if "profile_ms" in r]
     if not profiled:
         return ""
     kinds = [label for label, _ in KINDS] + ["other elementwise / reductions"]
-    lines = [f"One step at T = {profiled[0]['length']}, device time by kind of kernel (ms):", "",
+    lines = [f"One step at T = {profiled[0]['length']}, GPU kernel time by kind of kernel (ms):", "",
              "| pattern | step ms | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
     for r in profiled:
         cells = " | ".join(f"{r['profile_ms'].get(kind, 0.0):.0f}" for kind in kinds)

@@ -71,15 +71,14 @@ def capture_model_inputs(build: Callable, tokens: torch.Tensor, outputs: Optiona
     layers only), the gate biases added to the logits, detached copies in the inputs' dtype.
     """
     import regla_megatron.mixer as mixer
+    from regla_kernels.gating import add_gate_bias
 
     captured = []
     original = mixer.chunk_regla
 
     def recording(q, k, v, z, u, *args, gate_bias=None, **kwargs):
         if gate_bias is not None:
-            dk = q.shape[-1]
-            z = z + gate_bias[:, :dk].to(z.dtype)
-            u = u + gate_bias[:, dk:].to(u.dtype)
+            z, u = (x.to(z.dtype) for x in add_gate_bias(z, u, gate_bias))
         captured.append([x.detach().contiguous().clone() for x in (q, k, v, z, u)])
         return original(q, k, v, z, u, *args, **kwargs)
 

@@ -19,17 +19,7 @@ from regla_kernels.triton.buffers import (
     output_grad,
     states_arena,
 )
-from regla_kernels.triton.launch import (
-    bias_grad,
-    bwd_dstates,
-    bwd_main,
-    finite_key_max,
-    fwd_output,
-    fwd_states,
-    gates,
-    kernel_bias,
-    work_list,
-)
+from regla_kernels.triton.launch import bias_grad, bwd_dstates, bwd_main, fwd_output, fwd_states, gates, kernel_bias, work_list
 from regla_kernels.triton.layout import dims, from_rows, row_order
 
 
@@ -45,10 +35,7 @@ def forward_stages(q, k, v, z, u, scale, key_max, h0, cu, offsets, table, total,
     order = row_order(q.shape[0], q.shape[1], q.shape[2], minor)
     work = work_list(chunks=total, heads=q.shape[2], device=q.device)
     arena = gate_arena(*dims(z), z.dtype, z.device)
-    found = key_max is None
     b, _, flags, key_max = gates(z, u, k, cu, table, total, key_max, order=order, work=work, b=arena[0], bias=bias)
-    if found:
-        key_max = finite_key_max(key_max)
     h, ht = fwd_states(k, v, b, key_max, h0, cu, offsets, total, True, order=order, starts=starts, into=into)
     o, q_max = fwd_output(q, k, v, b, flags, key_max, h, table, cu, scale, total, order=order, work=work)
     return o, ht, arena, flags, key_max, h, q_max, work

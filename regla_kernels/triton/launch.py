@@ -110,12 +110,6 @@ def gates(z, u, k, cu, table, total, key_max=None, out=None, need_key_max=True, 
     return b, chunk_decay, flags, key_max
 
 
-def finite_key_max(key_max: torch.Tensor) -> torch.Tensor:
-    """The key max the gates kernel found (fp32 [N, H]) with 0 where a sequence has no finite key
-    (-inf there), as `gating.sequence_key_max` gives it; a new tensor, same shape and dtype."""
-    return torch.where(key_max == float("-inf"), 0.0, key_max)
-
-
 def fwd_states(k, v, b, key_max, h0, cu, offsets, total, store_final, out=None, order=None, starts=None, into=None):
     """The forward state pass. k [T, H, dk], v [T, H, dv] (or [B, T, ...]), b and key_max from
     `gates`, h0: fp32 [N, H, dk, dv] or None.

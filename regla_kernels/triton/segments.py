@@ -34,7 +34,7 @@ from regla_kernels.gating import sequence_key_max
 from regla_kernels.triton.buffers import empty, gate_arena, value_grads
 from regla_kernels.triton.fast import CARRY_REACH, REACHED_FROM_END, REACHED_FROM_START
 from regla_kernels.triton.function import kept_arena
-from regla_kernels.triton.launch import bwd_dstates, bwd_main, finite_key_max, fwd_output, fwd_states, gates
+from regla_kernels.triton.launch import bwd_dstates, bwd_main, fwd_output, fwd_states, gates
 from regla_kernels.triton.layout import regular_tables
 from regla_kernels.triton.settings import check_supported, state_dtype
 
@@ -106,10 +106,9 @@ class KeyMaxOfSequences:
         self.per_sequence = per_sequence
 
     def combine(self, per_segment: torch.Tensor) -> torch.Tensor:
-        """[N, H] per segment (-inf: no finite key, as the gates kernel leaves it) -> [N, H] per
-        segment's sequence (0 for a sequence with no finite key)."""
+        """[N, H] per segment -> [N, H] per segment's sequence."""
         heads = per_segment.shape[-1]
-        whole = finite_key_max(per_segment.view(-1, self.per_sequence, heads).amax(1))
+        whole = per_segment.view(-1, self.per_sequence, heads).amax(1)
         return whole.repeat_interleave(self.per_sequence, dim=0)
 
 
